@@ -1,0 +1,298 @@
+//! Command-line flags (each with an environment-variable fallback) and their conversion into a [`Config`].
+//!
+//! Flags are parsed here and only here; a bad value becomes one line naming the flag, which `main`
+//! prints before exiting with status 2. No sockets, no runtime.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{parse_duration, Config, HostPort, LogFormat, Upstream};
+
+const EXAMPLES: &str = "\
+Examples:
+  # In front of a debug glance-api bound on 60999 (point clients, or Apache's ProxyPass, at 9292):
+  glance-shim --listen 9292 --upstream 60999
+
+  # Take uWSGI's place on the port DevStack's Apache already proxies /image to, with the debug
+  # glance-api on its default 9292: nothing in Apache, uWSGI or glance-api.conf is edited:
+  glance-shim --listen 60999 --upstream 9292
+
+Every flag can also be set through the environment variable named in its description.
+Log filtering follows RUST_LOG (default: info), e.g. RUST_LOG=glance_shim=debug.";
+
+/// glance-shim: a transparent reverse proxy that makes a glance-api under a debugger easy to follow.
+///
+/// Every request is forwarded byte for byte to the upstream glance-api and logged when it arrives,
+/// while it waits on a paused upstream, and when it completes, with the request id glance uses.
+#[derive(Debug, Parser)]
+#[command(name = "glance-shim", version, about, long_about = None, after_help = EXAMPLES)]
+pub struct Args {
+    /// Where to accept connections: PORT (127.0.0.1:PORT), HOST:PORT or [IPv6]:PORT.
+    #[arg(long, env = "GLANCE_SHIM_LISTEN", value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: HostPort,
+
+    /// The glance-api to forward to: PORT, HOST:PORT, [IPv6]:PORT or http://HOST:PORT.
+    #[arg(long, env = "GLANCE_SHIM_UPSTREAM", value_name = "ADDR", value_parser = Upstream::parse)]
+    pub upstream: Upstream,
+
+    /// Log a notice when nothing has moved between the shim and the upstream for this long (the
+    /// upstream is probably paused at a breakpoint), repeated at growing intervals; 0 turns it off.
+    #[arg(long, env = "GLANCE_SHIM_STALL_AFTER", value_name = "DURATION", default_value = "5s",
+          value_parser = parse_duration)]
+    pub stall_after: Duration,
+
+    /// Answer 504 when the upstream has made no progress for this long. Unset (the default), the
+    /// shim waits forever, as a breakpoint needs.
+    #[arg(long, env = "GLANCE_SHIM_UPSTREAM_TIMEOUT", value_name = "DURATION",
+          value_parser = parse_nonzero_duration)]
+    pub upstream_timeout: Option<Duration>,
+
+    /// While nothing listens on the upstream port, hold requests and keep trying to connect for up to
+    /// this long (e.g. while the debugger restarts) before answering 502.
+    #[arg(long, env = "GLANCE_SHIM_WAIT_UPSTREAM", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub wait_upstream: Option<Duration>,
+
+    /// On SIGTERM or SIGINT, let in-flight requests finish for up to this long, then exit.
+    #[arg(long, env = "GLANCE_SHIM_DRAIN", value_name = "DURATION", default_value = "10s",
+          value_parser = parse_duration)]
+    pub drain: Duration,
+
+    /// Log format.
+    #[arg(long, env = "GLANCE_SHIM_LOG_FORMAT", value_name = "FORMAT", value_enum,
+          default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Append the log to this file instead of writing it to stderr.
+    #[arg(long, env = "GLANCE_SHIM_LOG_FILE", value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Add each request's headers to its arrival line (token, password and cookie values masked).
+    #[arg(long, env = "GLANCE_SHIM_LOG_HEADERS")]
+    pub log_headers: bool,
+}
+
+fn parse_listen(s: &str) -> Result<HostPort, String> {
+    HostPort::parse(s, true)
+}
+
+fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0 (leave it unset to wait forever)".into()),
+        d => Ok(d),
+    }
+}
+
+impl Args {
+    /// Validates what single flags cannot and builds the configuration.
+    pub fn into_config(self) -> Result<Config, String> {
+        let config = Config {
+            listen: self.listen,
+            upstream: self.upstream,
+            stall_after: Some(self.stall_after).filter(|d| !d.is_zero()),
+            upstream_timeout: self.upstream_timeout,
+            wait_upstream: self.wait_upstream.filter(|d| !d.is_zero()),
+            drain: self.drain,
+            log_headers: self.log_headers,
+            log_format: self.log_format,
+            log_file: self.log_file,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// What parsing the command line came to.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Run with this configuration.
+    Run(Box<Config>),
+    /// `--help` or `--version`: print this on stdout and exit 0.
+    Print(String),
+    /// A usage error: print this one line on stderr and exit 2.
+    Usage(String),
+}
+
+/// Parses arguments (and the environment) into what `main` should do.
+pub fn parse<I, T>(args: I) -> Parsed
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match Args::try_parse_from(args) {
+        Ok(args) => match args.into_config() {
+            Ok(config) => Parsed::Run(Box::new(config)),
+            Err(msg) => Parsed::Usage(format!("glance-shim: {msg}")),
+        },
+        Err(err) => match err.kind() {
+            clap::error::ErrorKind::DisplayHelp
+            | clap::error::ErrorKind::DisplayVersion
+            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                Parsed::Print(err.render().to_string())
+            }
+            _ => Parsed::Usage(one_line(&err.render().to_string())),
+        },
+    }
+}
+
+/// Folds clap's multi-line error (message, usage, tips) into the one line a user needs.
+fn one_line(rendered: &str) -> String {
+    let mut parts = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.is_empty()
+            || line.starts_with("Usage:")
+            || line.starts_with("For more information")
+            || line.starts_with("tip:")
+        {
+            continue;
+        }
+        parts.push(line.strip_prefix("error: ").unwrap_or(line));
+    }
+    format!("glance-shim: {}", parts.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Environment variables are process-wide: these tests only use argv, and `with_env` runs the few
+    // that need the environment one at a time.
+    static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn run(args: &[&str]) -> Parsed {
+        let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        parse(std::iter::once("glance-shim").chain(args.iter().copied()))
+    }
+
+    fn config(args: &[&str]) -> Config {
+        match run(args) {
+            Parsed::Run(c) => *c,
+            other => panic!("expected a config from {args:?}, got {other:?}"),
+        }
+    }
+
+    fn usage(args: &[&str]) -> String {
+        match run(args) {
+            Parsed::Usage(line) => line,
+            other => panic!("expected a usage error from {args:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_card_topology() {
+        let c = config(&["--listen", "9292", "--upstream", "60999"]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9292");
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:60999");
+        assert_eq!(c.stall_after, Some(Duration::from_secs(5)));
+        assert_eq!(c.upstream_timeout, None);
+        assert_eq!(c.wait_upstream, None);
+        assert_eq!(c.drain, Duration::from_secs(10));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(!c.log_headers);
+    }
+
+    #[test]
+    fn the_takeover_topology() {
+        let c = config(&["--listen", "60999", "--upstream", "http://127.0.0.1:9292"]);
+        assert_eq!(c.listen.port, 60999);
+        assert_eq!(c.upstream.addr.port, 9292);
+    }
+
+    #[test]
+    fn every_flag() {
+        let c = config(&[
+            "--listen", "[::1]:9292", "--upstream", "localhost:60999", "--stall-after", "250ms",
+            "--upstream-timeout", "2m", "--wait-upstream", "30s", "--drain", "1s", "--log-format",
+            "json", "--log-file", "/tmp/shim.log", "--log-headers",
+        ]);
+        assert_eq!(c.stall_after, Some(Duration::from_millis(250)));
+        assert_eq!(c.upstream_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(c.wait_upstream, Some(Duration::from_secs(30)));
+        assert_eq!(c.drain, Duration::from_secs(1));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log_file.as_deref(), Some(std::path::Path::new("/tmp/shim.log")));
+        assert!(c.log_headers);
+    }
+
+    #[test]
+    fn zero_turns_notices_and_waiting_off() {
+        let c = config(&["--listen", "1", "--upstream", "2", "--stall-after", "0", "--wait-upstream", "0"]);
+        assert_eq!(c.stall_after, None);
+        assert_eq!(c.wait_upstream, None);
+        let line = usage(&["--listen", "1", "--upstream", "2", "--upstream-timeout", "0"]);
+        assert!(line.contains("--upstream-timeout") && line.contains("more than 0"), "{line}");
+    }
+
+    #[test]
+    fn a_bad_value_is_one_line_naming_the_flag() {
+        let line = usage(&["--listen", "abc", "--upstream", "60999"]);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.starts_with("glance-shim: "), "{line}");
+        assert!(line.contains("--listen"), "{line}");
+        assert!(line.contains("abc"), "{line}");
+
+        let line = usage(&["--listen", "9292", "--upstream", "http://h:1/image"]);
+        assert!(line.contains("--upstream") && line.contains("has a path"), "{line}");
+
+        let line = usage(&["--listen", "9292", "--upstream", "1", "--drain", "soon"]);
+        assert!(line.contains("--drain") && line.contains("soon"), "{line}");
+
+        let line = usage(&["--listen", "9292", "--upstream", "1", "--log-format", "xml"]);
+        assert!(line.contains("--log-format") && line.contains("xml"), "{line}");
+    }
+
+    #[test]
+    fn missing_and_unknown_flags_are_one_line_too() {
+        let line = usage(&["--listen", "9292"]);
+        assert!(!line.contains('\n') && line.contains("--upstream"), "{line}");
+        let line = usage(&["--listen", "9292", "--upstream", "1", "--bogus"]);
+        assert!(!line.contains('\n') && line.contains("--bogus"), "{line}");
+    }
+
+    #[test]
+    fn a_loop_is_refused() {
+        let line = usage(&["--listen", "9292", "--upstream", "http://127.0.0.1:9292"]);
+        assert!(line.contains("loop") && line.contains("--listen"), "{line}");
+    }
+
+    #[test]
+    fn help_shows_both_topologies() {
+        let Parsed::Print(help) = run(&["--help"]) else { panic!("--help must print") };
+        assert!(help.contains("--listen 9292 --upstream 60999"), "{help}");
+        assert!(help.contains("--listen 60999 --upstream 9292"), "{help}");
+        assert!(help.contains("GLANCE_SHIM_LISTEN"), "{help}");
+    }
+
+    #[test]
+    fn flags_come_from_the_environment() {
+        let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: ENV_LOCK serialises every test in this module that reads the environment, and no
+        // other code in this test binary reads these variables.
+        unsafe {
+            std::env::set_var("GLANCE_SHIM_LISTEN", "60999");
+            std::env::set_var("GLANCE_SHIM_UPSTREAM", "9292");
+            std::env::set_var("GLANCE_SHIM_LOG_HEADERS", "true");
+            std::env::set_var("GLANCE_SHIM_STALL_AFTER", "1s");
+        }
+        let parsed = parse(["glance-shim"]);
+        let bad = {
+            unsafe { std::env::set_var("GLANCE_SHIM_STALL_AFTER", "later") };
+            parse(["glance-shim"])
+        };
+        unsafe {
+            for v in ["GLANCE_SHIM_LISTEN", "GLANCE_SHIM_UPSTREAM", "GLANCE_SHIM_LOG_HEADERS", "GLANCE_SHIM_STALL_AFTER"] {
+                std::env::remove_var(v);
+            }
+        }
+        let Parsed::Run(c) = parsed else { panic!("expected a config, got {parsed:?}") };
+        assert_eq!(c.listen.port, 60999);
+        assert_eq!(c.upstream.addr.port, 9292);
+        assert!(c.log_headers);
+        assert_eq!(c.stall_after, Some(Duration::from_secs(1)));
+        let Parsed::Usage(line) = bad else { panic!("expected a usage error, got {bad:?}") };
+        assert!(line.contains("--stall-after") && line.contains("later"), "{line}");
+    }
+}

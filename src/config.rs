@@ -1,0 +1,369 @@
+//! The validated configuration the server runs with, and the address and duration types it is made of.
+//!
+//! Everything here is plain data plus the parsing of one value at a time; `cli` turns flags into a
+//! [`Config`], `server` and `proxy` read it. Nothing here opens a socket.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A host as the user wrote it: an IP literal, or a name resolved when it is used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// `HOST:PORT` after parsing; `HOST` defaults to 127.0.0.1 when only a port was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: Host,
+    pub port: u16,
+}
+
+impl HostPort {
+    /// Parses `PORT`, `HOST:PORT` or `[IPv6]:PORT`. `allow_port_zero` is for `--listen`, where 0 means
+    /// "any free port" (the bound address is logged at start-up).
+    pub fn parse(s: &str, allow_port_zero: bool) -> Result<HostPort, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty address; expected PORT, HOST:PORT or [IPv6]:PORT".into());
+        }
+        let (host, port) = if s.bytes().all(|b| b.is_ascii_digit()) {
+            (Host::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), s)
+        } else if let Some(rest) = s.strip_prefix('[') {
+            let (ip, port) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("'{s}' is not [IPv6]:PORT"))?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("'{ip}' is not an IPv6 address"))?;
+            if !ip.is_ipv6() {
+                return Err(format!("'{ip}' in brackets is not an IPv6 address"));
+            }
+            (Host::Ip(ip), port)
+        } else {
+            let (host, port) = s.rsplit_once(':').ok_or_else(|| {
+                format!("'{s}' is not a port, HOST:PORT or [IPv6]:PORT (a bare host needs a port)")
+            })?;
+            if host.contains(':') {
+                return Err(format!("'{s}': an IPv6 address must be written in brackets, as [{host}]:{port}"));
+            }
+            (parse_host(host)?, port)
+        };
+        let port = parse_port(port)?;
+        if port == 0 && !allow_port_zero {
+            return Err("port 0 is not a port anything listens on".into());
+        }
+        Ok(HostPort { host, port })
+    }
+
+    /// Resolves to socket addresses (an IP literal resolves to itself without any lookup).
+    pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        match &self.host {
+            Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, self.port)]),
+            Host::Name(name) => Ok((name.as_str(), self.port).to_socket_addrs()?.collect()),
+        }
+    }
+
+    /// The host part as it goes into a URI authority (IPv6 in brackets).
+    pub fn authority(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            Host::Name(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+fn parse_host(host: &str) -> Result<Host, String> {
+    if host.is_empty() {
+        return Err("missing host before ':'".into());
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(Host::Ip(ip));
+    }
+    let valid = host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if valid {
+        Ok(Host::Name(host.to_ascii_lowercase()))
+    } else {
+        Err(format!("'{host}' is neither an IP address nor a host name"))
+    }
+}
+
+fn parse_port(port: &str) -> Result<u16, String> {
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("'{port}' is not a port number"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("port {port} is out of range (1-65535)"))
+}
+
+/// The scheme spoken to the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+        }
+    }
+}
+
+/// Where every request is forwarded to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub addr: HostPort,
+}
+
+impl Upstream {
+    /// Parses what `--listen` takes, or `http://host:port` (an optional trailing `/` only: the shim
+    /// never rewrites paths, so a base path would be silently ignored and is refused instead).
+    pub fn parse(s: &str) -> Result<Upstream, String> {
+        let s = s.trim();
+        let (scheme, rest) = match s.split_once("://") {
+            None => (Scheme::Http, s),
+            Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
+                "http" => (Scheme::Http, rest),
+                "https" => {
+                    return Err(
+                        "https upstreams are not supported by this build; use http://HOST:PORT"
+                            .into(),
+                    );
+                }
+                other => return Err(format!("unsupported scheme '{other}'; use http://HOST:PORT")),
+            },
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains('/') || authority.contains('?') || authority.contains('#') {
+            return Err(format!(
+                "'{s}' has a path; glance-shim forwards paths untouched, so give only http://HOST:PORT"
+            ));
+        }
+        if authority.contains('@') {
+            return Err("credentials in the upstream URL are not supported".into());
+        }
+        if s.contains("://") && !authority.contains(':') {
+            return Err(format!("'{s}' has no port; write it as http://HOST:PORT"));
+        }
+        let addr = HostPort::parse(authority, false)?;
+        Ok(Upstream { scheme, addr })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme.as_str(), self.addr)
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`, combinations such as `1m30s`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration; expected e.g. 500ms, 5s, 2m or 1h".into());
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("'{s}' is too large"));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return Err(format!("'{s}' is not a duration; expected e.g. 500ms, 5s, 2m or 1h"));
+        }
+        let value: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("'{s}' is too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphabetic())
+            .count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" | "min" => Duration::from_secs(value.saturating_mul(60)),
+            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            "" => return Err(format!("'{s}': a number inside a duration needs a unit (ms, s, m, h)")),
+            other => return Err(format!("'{s}': unknown unit '{other}'; use ms, s, m or h")),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines (colour only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the running shim needs to know, already validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen: HostPort,
+    /// Where every request goes.
+    pub upstream: Upstream,
+    /// Waiting this long on the upstream with nothing moving earns a notice; `None` disables notices.
+    pub stall_after: Option<Duration>,
+    /// Give up on an upstream that has made no progress for this long (504); `None` waits forever,
+    /// which is what a debugger paused at a breakpoint needs.
+    pub upstream_timeout: Option<Duration>,
+    /// While the upstream refuses connections, keep trying this long before answering 502.
+    pub wait_upstream: Option<Duration>,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the shim exits anyway.
+    pub drain: Duration,
+    /// Add the (masked) request headers to the arrival line.
+    pub log_headers: bool,
+    pub log_format: LogFormat,
+    pub log_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// A configuration with the defaults the CLI uses, for tests and embedding.
+    pub fn new(listen: HostPort, upstream: Upstream) -> Config {
+        Config {
+            listen,
+            upstream,
+            stall_after: Some(Duration::from_secs(5)),
+            upstream_timeout: None,
+            wait_upstream: None,
+            drain: Duration::from_secs(10),
+            log_headers: false,
+            log_format: LogFormat::Text,
+            log_file: None,
+        }
+    }
+
+    /// Refuses combinations no single flag can see: listening where we forward is a loop.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.port == 0 || self.listen.port != self.upstream.addr.port {
+            return Ok(());
+        }
+        let listen = self.listen.resolve().unwrap_or_default();
+        let upstream = self.upstream.addr.resolve().unwrap_or_default();
+        let loops = listen.iter().any(|l| {
+            upstream.iter().any(|u| {
+                l.ip() == u.ip()
+                    || (l.ip().is_unspecified() && (u.ip().is_loopback() || u.ip().is_unspecified()))
+            })
+        });
+        if loops {
+            return Err(format!(
+                "--listen {} and --upstream {} are the same address: every request would come back to \
+                 glance-shim (a loop); the debug glance-api needs its own port",
+                self.listen, self.upstream.addr
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hp(s: &str) -> Result<String, String> {
+        HostPort::parse(s, true).map(|h| h.to_string())
+    }
+
+    #[test]
+    fn a_bare_port_means_loopback() {
+        assert_eq!(hp("9292").unwrap(), "127.0.0.1:9292");
+        assert_eq!(hp(" 60999 ").unwrap(), "127.0.0.1:60999");
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(hp("0.0.0.0:9292").unwrap(), "0.0.0.0:9292");
+        assert_eq!(hp("[::1]:9292").unwrap(), "[::1]:9292");
+        assert_eq!(hp("LocalHost:80").unwrap(), "localhost:80");
+        assert_eq!(hp("controller.example.org:9292").unwrap(), "controller.example.org:9292");
+    }
+
+    #[test]
+    fn bad_addresses_say_what_is_wrong() {
+        assert!(hp("").unwrap_err().contains("empty"));
+        assert!(hp("70000").unwrap_err().contains("out of range"));
+        assert!(hp("localhost").unwrap_err().contains("needs a port"));
+        assert!(hp("::1:9292").unwrap_err().contains("brackets"));
+        assert!(hp("[127.0.0.1]:80").unwrap_err().contains("not an IPv6"));
+        assert!(hp("[::1]9292").unwrap_err().contains("[IPv6]:PORT"));
+        assert!(hp("host:").unwrap_err().contains("not a port number"));
+        assert!(hp(":80").unwrap_err().contains("missing host"));
+        assert!(hp("bad_host:80").unwrap_err().contains("neither an IP"));
+        assert!(hp("-x:80").unwrap_err().contains("neither an IP"));
+        assert!(HostPort::parse("0", false).unwrap_err().contains("port 0"));
+        assert_eq!(hp("0").unwrap(), "127.0.0.1:0");
+    }
+
+    #[test]
+    fn upstream_takes_a_url_too() {
+        let u = Upstream::parse("http://127.0.0.1:60999").unwrap();
+        assert_eq!(u.to_string(), "http://127.0.0.1:60999");
+        assert_eq!(Upstream::parse("HTTP://[::1]:9292/").unwrap().to_string(), "http://[::1]:9292");
+        assert_eq!(Upstream::parse("9292").unwrap().to_string(), "http://127.0.0.1:9292");
+        assert!(Upstream::parse("http://h:1/image").unwrap_err().contains("has a path"));
+        assert!(Upstream::parse("http://h").unwrap_err().contains("no port"));
+        assert!(Upstream::parse("ftp://h:1").unwrap_err().contains("unsupported scheme"));
+        assert!(Upstream::parse("http://u:p@h:1").unwrap_err().contains("credentials"));
+        assert!(Upstream::parse("0").unwrap_err().contains("port 0"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("s").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("1m30").unwrap_err().contains("needs a unit"));
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn listening_on_the_upstream_is_a_loop() {
+        let cfg = |l: &str, u: &str| {
+            Config::new(HostPort::parse(l, true).unwrap(), Upstream::parse(u).unwrap()).validate()
+        };
+        assert!(cfg("9292", "9292").unwrap_err().contains("loop"));
+        assert!(cfg("9292", "http://localhost:9292").unwrap_err().contains("loop"));
+        assert!(cfg("0.0.0.0:9292", "9292").unwrap_err().contains("loop"));
+        assert!(cfg("9292", "60999").is_ok());
+        assert!(cfg("127.0.0.2:9292", "127.0.0.1:9292").is_ok());
+        assert!(cfg("0", "9292").is_ok());
+    }
+}

@@ -1,0 +1,300 @@
+//! Header policy as pure functions: what an intermediary removes, adds and refuses, and how headers are
+//! written into the log with secrets masked.
+//!
+//! Everything follows RFC 9110 §7.6 (hop-by-hop fields, Via) and what glance reads; `proxy` decides when
+//! to call these, and nothing here does I/O.
+
+use std::net::IpAddr;
+
+use bytes::{BufMut, BytesMut};
+use http::HeaderValue;
+use http::header::{self, HeaderMap, HeaderName};
+
+/// The `Via` entry this proxy adds (and recognises coming back, which means a loop).
+pub const VIA_SELF: &str = "1.1 glance-shim";
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Fields that describe one connection, never the message: RFC 9110 §7.6.1 plus the legacy
+/// `Keep-Alive`/`Proxy-Connection` and the proxy-auth pair, which belong to the hop they were sent on.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+/// Removes every hop-by-hop field: each name listed in `Connection`, then the fixed set.
+///
+/// Most messages carry none or only `Connection: keep-alive`, so the map is scanned once and only
+/// touched when something has to go.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        &header::CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::TE,
+        &header::TRAILER,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// True when one of the `Via` entries is ours: the request has been through this shim before.
+pub fn has_our_via(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|entry| {
+            let mut words = entry.split_whitespace();
+            let _protocol = words.next();
+            words.next() == Some("glance-shim")
+        })
+}
+
+/// What the shim adds to a request before forwarding it.
+pub struct Forwarded<'a> {
+    /// The address the request came from (appended to `X-Forwarded-For`).
+    pub client_ip: IpAddr,
+    /// `http` or `https`: how the client reached the shim.
+    pub proto: &'static str,
+    /// The `Host` the client sent, if any.
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// Adds `Via`, appends to `X-Forwarded-For`, and sets `X-Forwarded-Proto`/`X-Forwarded-Host` unless an
+/// earlier proxy (Apache in front of the shim) already did: its values describe the client's original
+/// request, which is what glance's `http_proxy_to_wsgi` needs to build URLs.
+pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
+    append_list(headers, &header::VIA, VIA_SELF.as_bytes());
+    let mut ip = [0u8; 48];
+    let ip = {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut ip[..]);
+        // An IP address always fits in 48 bytes.
+        let _ = write!(cursor, "{}", fwd.client_ip);
+        let len = cursor.position() as usize;
+        &ip[..len]
+    };
+    append_list(headers, &X_FORWARDED_FOR, ip);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
+    }
+    if let Some(host) = fwd.host
+        && !headers.contains_key(&X_FORWARDED_HOST)
+    {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+}
+
+/// Appends `item` to a comma-separated list field, folding earlier lines of it into one.
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &[u8]) {
+    let mut existing = headers.get_all(name).iter().peekable();
+    if existing.peek().is_none() {
+        if let Ok(v) = HeaderValue::from_bytes(item) {
+            headers.insert(name.clone(), v);
+        }
+        return;
+    }
+    let mut buf = BytesMut::with_capacity(64);
+    for v in existing {
+        if !buf.is_empty() {
+            buf.put_slice(b", ");
+        }
+        buf.put_slice(v.as_bytes());
+    }
+    buf.put_slice(b", ");
+    buf.put_slice(item);
+    if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+/// Why a request cannot be forwarded as it is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostProblem {
+    Missing,
+    Repeated(usize),
+}
+
+/// HTTP/1.1 requires exactly one `Host` (RFC 9112 §3.2); an HTTP/1.0 request may have none.
+pub fn check_host(headers: &HeaderMap, http11: bool) -> Result<(), HostProblem> {
+    match headers.get_all(header::HOST).iter().count() {
+        0 if http11 => Err(HostProblem::Missing),
+        0 | 1 => Ok(()),
+        n => Err(HostProblem::Repeated(n)),
+    }
+}
+
+/// Headers whose values are credentials and never reach a log.
+pub fn is_secret(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-auth-token"
+            | "x-subject-token"
+            | "x-service-token"
+            | "authorization"
+            | "proxy-authorization"
+            | "cookie"
+            | "set-cookie"
+    )
+}
+
+/// Headers as one log field, `name: value; name: value`, secret values masked and bytes escaped.
+pub fn for_log(headers: &HeaderMap) -> String {
+    let mut out = String::with_capacity(headers.len() * 32);
+    for (name, value) in headers {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.push_str(name.as_str());
+        out.push_str(": ");
+        if is_secret(name) {
+            out.push_str("<masked>");
+        } else {
+            out.push_str(&crate::correlation::printable(value.as_bytes()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn hop_by_hop_fields_go_including_those_connection_names() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-Debug-Hop"),
+            ("connection", "close"),
+            ("x-debug-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-authenticate", "Basic"),
+            ("x-auth-token", "t"),
+            ("content-length", "5"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(names(&h), vec!["content-length", "host", "x-auth-token"]);
+    }
+
+    #[test]
+    fn end_to_end_fields_are_untouched() {
+        let mut h = map(&[("host", "a"), ("content-type", "application/json"), ("x-image-meta", "1")]);
+        let before = h.clone();
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn forwarding_fields() {
+        let host = HeaderValue::from_static("controller:9292");
+        let mut h = map(&[("host", "controller:9292")]);
+        add_forwarding(&mut h, &Forwarded { client_ip: "10.0.0.7".parse().unwrap(), proto: "http", host: Some(&host) });
+        assert_eq!(h["via"], "1.1 glance-shim");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "controller:9292");
+    }
+
+    #[test]
+    fn an_earlier_proxys_fields_are_extended_or_kept() {
+        let host = HeaderValue::from_static("127.0.0.1:9292");
+        let mut h = map(&[
+            ("via", "1.1 apache"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-for", "192.0.2.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "cloud.example.org"),
+        ]);
+        add_forwarding(&mut h, &Forwarded { client_ip: "::1".parse().unwrap(), proto: "http", host: Some(&host) });
+        assert_eq!(h["via"], "1.1 apache, 1.1 glance-shim");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "cloud.example.org");
+    }
+
+    #[test]
+    fn our_own_via_means_a_loop() {
+        assert!(has_our_via(&map(&[("via", "1.1 apache, 1.1 glance-shim")])));
+        assert!(has_our_via(&map(&[("via", "HTTP/1.1 glance-shim (debug)")])));
+        assert!(!has_our_via(&map(&[("via", "1.1 glance-shim-other")])));
+        assert!(!has_our_via(&map(&[("via", "1.1 apache")])));
+        assert!(!has_our_via(&map(&[])));
+    }
+
+    #[test]
+    fn host_rules() {
+        assert_eq!(check_host(&map(&[("host", "a")]), true), Ok(()));
+        assert_eq!(check_host(&map(&[]), true), Err(HostProblem::Missing));
+        assert_eq!(check_host(&map(&[]), false), Ok(()));
+        assert_eq!(check_host(&map(&[("host", "a"), ("host", "b")]), true), Err(HostProblem::Repeated(2)));
+    }
+
+    #[test]
+    fn secrets_never_reach_the_log_text() {
+        let h = map(&[
+            ("x-auth-token", "gAAAAAsecret1"),
+            ("x-subject-token", "secret2"),
+            ("x-service-token", "secret3"),
+            ("authorization", "Bearer secret4"),
+            ("proxy-authorization", "Basic secret5"),
+            ("cookie", "session=secret6"),
+            ("set-cookie", "session=secret7"),
+            ("content-type", "application/json"),
+        ]);
+        let line = for_log(&h);
+        assert!(!line.contains("secret"), "{line}");
+        assert_eq!(line.matches("<masked>").count(), 7, "{line}");
+        assert!(line.contains("content-type: application/json"), "{line}");
+    }
+}

@@ -1,0 +1,30 @@
+//! glance-shim: a transparent, streaming reverse proxy that makes a glance-api under a debugger easy to
+//! follow: every request is forwarded untouched and logged on arrival, while it waits on a paused
+//! upstream, and on completion, under the request id glance itself uses.
+//!
+//! # Layout
+//! - [`cli`] — flags and environment variables → [`config::Config`]; one-line usage errors.
+//! - [`config`] — the validated configuration and the address/duration types it is made of.
+//! - [`logging`] — the log's format and destination.
+//! - [`server`] — binding, the accept loop, HTTP/1.1 serving, the graceful drain.
+//! - [`proxy`] — one request from arrival to response; maps failures to statuses.
+//! - [`headers`] — hop-by-hop removal, `Via`/`X-Forwarded-*`, `Host` rules, masking for the log.
+//! - [`correlation`] — `req-<uuid4>` ids and which id a request carries to glance.
+//! - [`inflight`] — requests in flight, the stall watchdog, the SIGUSR1 table.
+//! - [`body`] — the streaming request/response bodies; the completion line.
+//! - [`upstream`] — the connector (with `--wait-upstream`), outage logging, the pooled client.
+//! - [`error`] — the shim's own answers (502, 504, ...) as OpenStack-style JSON.
+//! - [`signals`] — SIGTERM/SIGINT/SIGUSR1.
+
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod correlation;
+pub mod error;
+pub mod headers;
+pub mod inflight;
+pub mod logging;
+pub mod proxy;
+pub mod server;
+pub mod signals;
+pub mod upstream;

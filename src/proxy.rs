@@ -1,0 +1,266 @@
+//! The proxy itself, one request at a time: arrive (id, registry, arrival line) → check → prepare the
+//! upstream request → forward and wait (with optional idle timeout) → relay the response or answer for
+//! the upstream. The completion line is written by the response body when it ends (see `body`).
+//!
+//! Connection handling lives in `server`; header rules in `headers`; the ids in `correlation`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use hyper::body::{Body, Incoming};
+use tracing::{info, warn};
+
+use crate::body::{Completion, RequestBody, ResponseBody, error_chain};
+use crate::config::Config;
+use crate::correlation::{self, X_OPENSTACK_REQUEST_ID};
+use crate::error::ProxyError;
+use crate::headers::{self, Forwarded};
+use crate::inflight::{Entry, Guard, Registry, Waiting};
+use crate::upstream::{ConnectError, UpstreamClient};
+
+/// What every request needs, shared by all connections.
+pub struct Proxy {
+    client: UpstreamClient,
+    pub registry: Arc<Registry>,
+    /// The upstream's authority, put into every forwarded URI.
+    authority: Authority,
+    /// The upstream address as text, for messages.
+    upstream_display: String,
+    /// How clients reach the shim: goes into `X-Forwarded-Proto`.
+    client_proto: &'static str,
+    log_headers: bool,
+    upstream_timeout: Option<Duration>,
+}
+
+impl Proxy {
+    pub fn new(config: &Config, client: UpstreamClient, registry: Arc<Registry>) -> Result<Proxy, String> {
+        let authority = Authority::try_from(config.upstream.addr.authority())
+            .map_err(|e| format!("upstream {} is not a valid authority: {e}", config.upstream.addr))?;
+        Ok(Proxy {
+            client,
+            registry,
+            authority,
+            upstream_display: config.upstream.addr.to_string(),
+            client_proto: "http",
+            log_headers: config.log_headers,
+            upstream_timeout: config.upstream_timeout,
+        })
+    }
+
+    /// Handles one request from `peer`; never fails: every failure becomes a response.
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResponseBody> {
+        let (mut parts, body) = req.into_parts();
+        let assigned = correlation::assign(&mut parts.headers);
+        let target = match parts.uri.authority() {
+            // Absolute-form (`GET http://host/path`): show what the client wrote.
+            Some(_) => parts.uri.to_string(),
+            None => parts.uri.path_and_query().map_or("/", PathAndQuery::as_str).to_owned(),
+        };
+        let guard = self.registry.register(assigned.id.clone(), parts.method.clone(), target, peer);
+        let entry = &guard.entry;
+        let logged_headers = self.log_headers.then(|| headers::for_log(&parts.headers));
+        // Written before anything is sent upstream: when a breakpoint holds this request, this line is
+        // already in the log.
+        info!(
+            id = %entry.id,
+            method = %entry.method,
+            path = %entry.target,
+            client = %peer,
+            id_from = %if assigned.from_client { "client" } else { "shim" },
+            headers = logged_headers,
+            "arrived"
+        );
+        if let Some(why) = &assigned.replaced {
+            warn!(
+                id = %entry.id,
+                original = assigned.original.as_deref().unwrap_or(""),
+                "{why}; sent glance-shim's id {} instead",
+                entry.id
+            );
+        }
+
+        let upstream_req = match self.prepare(&mut parts, peer) {
+            Ok(uri) => {
+                parts.uri = uri;
+                parts.version = Version::HTTP_11;
+                Request::from_parts(parts, RequestBody::new(body, entry.clone()))
+            }
+            Err(err) => return self.answer(err, guard),
+        };
+
+        let result = self.send(upstream_req, entry).await;
+        match result {
+            Ok(res) => self.relay(res, guard),
+            Err(err) => self.answer(err, guard),
+        }
+    }
+
+    /// Checks the request and turns its headers into the upstream request's; returns the upstream URI.
+    fn prepare(&self, parts: &mut http::request::Parts, peer: SocketAddr) -> Result<Uri, ProxyError> {
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::Connect);
+        }
+        if headers::has_our_via(&parts.headers) {
+            return Err(ProxyError::Loop);
+        }
+        headers::check_host(&parts.headers, parts.version == Version::HTTP_11).map_err(|p| {
+            ProxyError::BadRequest(match p {
+                headers::HostProblem::Missing => "an HTTP/1.1 request needs a Host header".into(),
+                headers::HostProblem::Repeated(n) => format!("the request has {n} Host headers; one is allowed"),
+            })
+        })?;
+        if let Some(authority) = parts.uri.authority() {
+            // Absolute-form is only for proxies; accept it when it names the host the request is for,
+            // and never let it steer the shim anywhere but its upstream.
+            let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
+            if host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes())) {
+                return Err(ProxyError::BadRequest(format!(
+                    "the request target names {authority}, but glance-shim only forwards to its upstream; \
+                     send the path alone (origin-form)"
+                )));
+            }
+        }
+
+        // A chunked request body must stay chunked; hyper would otherwise send no body at all for a
+        // GET or HEAD with unknown length.
+        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+        headers::remove_hop_by_hop(&mut parts.headers);
+        // The shim answers `100 Continue` itself (hyper does when the body is first read), so the
+        // upstream must not wait for a 100 it will never see sent on: uWSGI never sends one.
+        parts.headers.remove(header::EXPECT);
+        if chunked && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
+        let host = parts.headers.get(header::HOST).cloned();
+        headers::add_forwarding(
+            &mut parts.headers,
+            &Forwarded { client_ip: peer.ip(), proto: self.client_proto, host: host.as_ref() },
+        );
+
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = Some(path);
+        Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(format!("cannot forward this request target: {e}")))
+    }
+
+    /// Sends the request and waits for the response headers, for as long as it takes unless
+    /// `--upstream-timeout` is set; then for as long as the upstream keeps making progress.
+    async fn send(
+        &self,
+        req: Request<RequestBody>,
+        entry: &Arc<Entry>,
+    ) -> Result<(Response<Incoming>, Duration), ProxyError> {
+        let fut = self.client.request(req);
+        let result = match self.upstream_timeout {
+            None => fut.await,
+            Some(limit) => {
+                tokio::pin!(fut);
+                loop {
+                    let idle = entry.idle(std::time::Instant::now());
+                    if idle >= limit && entry.waiting() == Waiting::Upstream {
+                        return Err(ProxyError::Timeout(limit));
+                    }
+                    // Not idle for long enough yet, or waiting on the client's upload (not the
+                    // upstream's fault): look again when the limit could next be reached.
+                    let wait = if idle >= limit { limit } else { limit - idle };
+                    tokio::select! {
+                        r = &mut fut => break r,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        };
+        let headers_after = entry.started.elapsed();
+        result.map(|res| (res, headers_after)).map_err(|e| classify(&e, entry))
+    }
+
+    /// Relays the upstream's response: hop-by-hop fields out, everything else as it came.
+    fn relay(&self, (res, headers_after): (Response<Incoming>, Duration), guard: Guard) -> Response<ResponseBody> {
+        let (mut parts, body) = res.into_parts();
+        // The version belongs to each hop: the shim speaks HTTP/1.1 to its client (hyper answers an
+        // HTTP/1.0 client in 1.0) whatever the upstream spoke.
+        parts.version = Version::HTTP_11;
+        headers::remove_hop_by_hop(&mut parts.headers);
+        let upstream_id = parts
+            .headers
+            .get(&X_OPENSTACK_REQUEST_ID)
+            .map(|v| correlation::printable(v.as_bytes()));
+        guard.entry.resumed(guard.entry.idle(std::time::Instant::now()));
+        guard.entry.progress(Waiting::Upstream);
+        let completion = Completion {
+            guard,
+            status: parts.status,
+            upstream_headers: Some(headers_after),
+            upstream_id,
+            error: None,
+        };
+        Response::from_parts(parts, ResponseBody::upstream(body, completion, self.upstream_timeout))
+    }
+
+    /// Answers for the upstream with an OpenStack-style JSON error.
+    fn answer(&self, err: ProxyError, guard: Guard) -> Response<ResponseBody> {
+        let (res, _) = err.response(&self.upstream_display, &guard.entry.id);
+        let (parts, bytes): (_, Bytes) = res.into_parts();
+        let completion = Completion {
+            guard,
+            status: parts.status,
+            upstream_headers: None,
+            upstream_id: None,
+            error: Some(err.summary(&self.upstream_display)),
+        };
+        let mut res = Response::from_parts(parts, ResponseBody::full(bytes, Some(completion)));
+        let len = HeaderValue::from(res.body().size_hint().exact().unwrap_or(0));
+        res.headers_mut().insert(header::CONTENT_LENGTH, len);
+        res
+    }
+}
+
+/// Sorts a failed upstream exchange into what the client should be told.
+fn classify(err: &hyper_util::client::legacy::Error, entry: &Entry) -> ProxyError {
+    if let Some(connect) = find_source::<ConnectError>(err) {
+        return ProxyError::Unreachable(connect.clone());
+    }
+    let chain = error_chain(err);
+    if entry.client_body_failed.load(Ordering::Relaxed) {
+        return ProxyError::ClientBody(chain);
+    }
+    if let Some(h) = find_source::<hyper::Error>(err) {
+        if h.is_incomplete_message() || h.is_canceled() {
+            return ProxyError::ClosedEarly(chain);
+        }
+        if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+            return ProxyError::InvalidResponse(chain);
+        }
+    }
+    if let Some(io) = find_source::<std::io::Error>(err)
+        && matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
+        )
+    {
+        return ProxyError::ClosedEarly(chain);
+    }
+    ProxyError::Upstream(chain)
+}
+
+fn find_source<'a, T: std::error::Error + 'static>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
