@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::{info, warn};
 
 use crate::inflight::{Entry, Guard, Phase, Waiting};
+use crate::upstream::Lease;
 
 /// The client's request body, forwarded frame by frame.
 #[derive(Debug)]
@@ -43,7 +44,9 @@ impl Body for RequestBody {
             Poll::Pending => self.entry.waiting_on(Waiting::Client),
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.entry.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.entry
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 self.entry.progress(Waiting::Upstream);
             }
@@ -89,6 +92,8 @@ enum Source {
 pub struct ResponseBody {
     source: Source,
     completion: Option<Completion>,
+    /// The upstream connection, returned to the pool when the body ends cleanly.
+    lease: Option<Lease>,
     /// With `--upstream-timeout`: fires when the upstream has sent nothing for that long mid-body.
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     ended: bool,
@@ -97,7 +102,9 @@ pub struct ResponseBody {
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody").field("ended", &self.ended).finish_non_exhaustive()
+        f.debug_struct("ResponseBody")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
     }
 }
 
@@ -107,11 +114,17 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResponseBody {
     /// Streams an upstream response.
-    pub fn upstream(inner: Incoming, completion: Completion, idle_timeout: Option<Duration>) -> Self {
+    pub fn upstream(
+        inner: Incoming,
+        completion: Completion,
+        lease: Option<Lease>,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
         completion.guard.entry.set_phase(Phase::Streaming);
         ResponseBody {
             source: Source::Upstream(inner),
             completion: Some(completion),
+            lease,
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             ended: false,
             failure: None,
@@ -123,6 +136,7 @@ impl ResponseBody {
         ResponseBody {
             source: Source::Full(Some(bytes)),
             completion,
+            lease: None,
             idle: None,
             ended: false,
             failure: None,
@@ -201,8 +215,17 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        // hyper stops polling once `is_end_stream` says so, so "ended" cannot wait for a `None`.
         let ended = self.ended || self.is_end_stream();
-        let Some(c) = self.completion.take() else { return };
+        if let Some(lease) = self.lease.take()
+            && ended
+            && self.failure.is_none()
+        {
+            lease.release();
+        }
+        let Some(c) = self.completion.take() else {
+            return;
+        };
         let e = &c.guard.entry;
         let total = e.started.elapsed();
         let bytes_in = e.bytes_in.load(Ordering::Relaxed);
@@ -212,7 +235,7 @@ impl Drop for ResponseBody {
         let status = c.status.as_u16();
         if let Some(failure) = self.failure.take() {
             warn!(
-                id = %e.id, method = %e.method, path = %e.target, status, bytes_in, bytes_out,
+                id = e.id.as_str(), method = e.method.as_str(), path = e.target.as_str(), status, bytes_in, bytes_out,
                 upstream_headers_ms = headers_ms, total_ms = millis(total), upstream_id,
                 error = %failure,
                 "failed: the response body broke off; the client's connection was aborted so the \
@@ -220,20 +243,34 @@ impl Drop for ResponseBody {
             );
         } else if !ended {
             warn!(
-                id = %e.id, method = %e.method, path = %e.target, status, bytes_in, bytes_out,
-                upstream_headers_ms = headers_ms, total_ms = millis(total), upstream_id,
+                id = e.id.as_str(),
+                method = e.method.as_str(),
+                path = e.target.as_str(),
+                status,
+                bytes_in,
+                bytes_out,
+                upstream_headers_ms = headers_ms,
+                total_ms = millis(total),
+                upstream_id,
                 "aborted: the client went away before the response was complete"
             );
         } else if let Some(error) = c.error.as_deref() {
             warn!(
-                id = %e.id, method = %e.method, path = %e.target, status, bytes_in, bytes_out,
+                id = e.id.as_str(), method = e.method.as_str(), path = e.target.as_str(), status, bytes_in, bytes_out,
                 total_ms = millis(total), error = %error,
                 "completed by glance-shim itself"
             );
         } else {
             info!(
-                id = %e.id, method = %e.method, path = %e.target, status, bytes_in, bytes_out,
-                upstream_headers_ms = headers_ms, total_ms = millis(total), upstream_id,
+                id = e.id.as_str(),
+                method = e.method.as_str(),
+                path = e.target.as_str(),
+                status,
+                bytes_in,
+                bytes_out,
+                upstream_headers_ms = headers_ms,
+                total_ms = millis(total),
+                upstream_id,
                 "completed"
             );
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{parse_duration, Config, HostPort, LogFormat, Upstream};
+use crate::config::{Config, HostPort, LogFormat, Upstream, parse_duration};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -61,8 +61,13 @@ pub struct Args {
     pub drain: Duration,
 
     /// Log format.
-    #[arg(long, env = "GLANCE_SHIM_LOG_FORMAT", value_name = "FORMAT", value_enum,
-          default_value = "text")]
+    #[arg(
+        long,
+        env = "GLANCE_SHIM_LOG_FORMAT",
+        value_name = "FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 
     /// Append the log to this file instead of writing it to stderr.
@@ -204,26 +209,62 @@ mod tests {
     #[test]
     fn every_flag() {
         let c = config(&[
-            "--listen", "[::1]:9292", "--upstream", "localhost:60999", "--stall-after", "250ms",
-            "--upstream-timeout", "2m", "--wait-upstream", "30s", "--drain", "1s", "--log-format",
-            "json", "--log-file", "/tmp/shim.log", "--log-headers",
+            "--listen",
+            "[::1]:9292",
+            "--upstream",
+            "localhost:60999",
+            "--stall-after",
+            "250ms",
+            "--upstream-timeout",
+            "2m",
+            "--wait-upstream",
+            "30s",
+            "--drain",
+            "1s",
+            "--log-format",
+            "json",
+            "--log-file",
+            "/tmp/shim.log",
+            "--log-headers",
         ]);
         assert_eq!(c.stall_after, Some(Duration::from_millis(250)));
         assert_eq!(c.upstream_timeout, Some(Duration::from_secs(120)));
         assert_eq!(c.wait_upstream, Some(Duration::from_secs(30)));
         assert_eq!(c.drain, Duration::from_secs(1));
         assert_eq!(c.log_format, LogFormat::Json);
-        assert_eq!(c.log_file.as_deref(), Some(std::path::Path::new("/tmp/shim.log")));
+        assert_eq!(
+            c.log_file.as_deref(),
+            Some(std::path::Path::new("/tmp/shim.log"))
+        );
         assert!(c.log_headers);
     }
 
     #[test]
     fn zero_turns_notices_and_waiting_off() {
-        let c = config(&["--listen", "1", "--upstream", "2", "--stall-after", "0", "--wait-upstream", "0"]);
+        let c = config(&[
+            "--listen",
+            "1",
+            "--upstream",
+            "2",
+            "--stall-after",
+            "0",
+            "--wait-upstream",
+            "0",
+        ]);
         assert_eq!(c.stall_after, None);
         assert_eq!(c.wait_upstream, None);
-        let line = usage(&["--listen", "1", "--upstream", "2", "--upstream-timeout", "0"]);
-        assert!(line.contains("--upstream-timeout") && line.contains("more than 0"), "{line}");
+        let line = usage(&[
+            "--listen",
+            "1",
+            "--upstream",
+            "2",
+            "--upstream-timeout",
+            "0",
+        ]);
+        assert!(
+            line.contains("--upstream-timeout") && line.contains("more than 0"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -235,19 +276,28 @@ mod tests {
         assert!(line.contains("abc"), "{line}");
 
         let line = usage(&["--listen", "9292", "--upstream", "http://h:1/image"]);
-        assert!(line.contains("--upstream") && line.contains("has a path"), "{line}");
+        assert!(
+            line.contains("--upstream") && line.contains("has a path"),
+            "{line}"
+        );
 
         let line = usage(&["--listen", "9292", "--upstream", "1", "--drain", "soon"]);
         assert!(line.contains("--drain") && line.contains("soon"), "{line}");
 
         let line = usage(&["--listen", "9292", "--upstream", "1", "--log-format", "xml"]);
-        assert!(line.contains("--log-format") && line.contains("xml"), "{line}");
+        assert!(
+            line.contains("--log-format") && line.contains("xml"),
+            "{line}"
+        );
     }
 
     #[test]
     fn missing_and_unknown_flags_are_one_line_too() {
         let line = usage(&["--listen", "9292"]);
-        assert!(!line.contains('\n') && line.contains("--upstream"), "{line}");
+        assert!(
+            !line.contains('\n') && line.contains("--upstream"),
+            "{line}"
+        );
         let line = usage(&["--listen", "9292", "--upstream", "1", "--bogus"]);
         assert!(!line.contains('\n') && line.contains("--bogus"), "{line}");
     }
@@ -260,7 +310,9 @@ mod tests {
 
     #[test]
     fn help_shows_both_topologies() {
-        let Parsed::Print(help) = run(&["--help"]) else { panic!("--help must print") };
+        let Parsed::Print(help) = run(&["--help"]) else {
+            panic!("--help must print")
+        };
         assert!(help.contains("--listen 9292 --upstream 60999"), "{help}");
         assert!(help.contains("--listen 60999 --upstream 9292"), "{help}");
         assert!(help.contains("GLANCE_SHIM_LISTEN"), "{help}");
@@ -283,16 +335,28 @@ mod tests {
             parse(["glance-shim"])
         };
         unsafe {
-            for v in ["GLANCE_SHIM_LISTEN", "GLANCE_SHIM_UPSTREAM", "GLANCE_SHIM_LOG_HEADERS", "GLANCE_SHIM_STALL_AFTER"] {
+            for v in [
+                "GLANCE_SHIM_LISTEN",
+                "GLANCE_SHIM_UPSTREAM",
+                "GLANCE_SHIM_LOG_HEADERS",
+                "GLANCE_SHIM_STALL_AFTER",
+            ] {
                 std::env::remove_var(v);
             }
         }
-        let Parsed::Run(c) = parsed else { panic!("expected a config, got {parsed:?}") };
+        let Parsed::Run(c) = parsed else {
+            panic!("expected a config, got {parsed:?}")
+        };
         assert_eq!(c.listen.port, 60999);
         assert_eq!(c.upstream.addr.port, 9292);
         assert!(c.log_headers);
         assert_eq!(c.stall_after, Some(Duration::from_secs(1)));
-        let Parsed::Usage(line) = bad else { panic!("expected a usage error, got {bad:?}") };
-        assert!(line.contains("--stall-after") && line.contains("later"), "{line}");
+        let Parsed::Usage(line) = bad else {
+            panic!("expected a usage error, got {bad:?}")
+        };
+        assert!(
+            line.contains("--stall-after") && line.contains("later"),
+            "{line}"
+        );
     }
 }

@@ -48,7 +48,9 @@ impl HostPort {
                 format!("'{s}' is not a port, HOST:PORT or [IPv6]:PORT (a bare host needs a port)")
             })?;
             if host.contains(':') {
-                return Err(format!("'{s}': an IPv6 address must be written in brackets, as [{host}]:{port}"));
+                return Err(format!(
+                    "'{s}': an IPv6 address must be written in brackets, as [{host}]:{port}"
+                ));
             }
             (parse_host(host)?, port)
         };
@@ -94,7 +96,9 @@ fn parse_host(host: &str) -> Result<Host, String> {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -149,7 +153,11 @@ impl Upstream {
                             .into(),
                     );
                 }
-                other => return Err(format!("unsupported scheme '{other}'; use http://HOST:PORT")),
+                other => {
+                    return Err(format!(
+                        "unsupported scheme '{other}'; use http://HOST:PORT"
+                    ));
+                }
             },
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
@@ -192,16 +200,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
         if digits == 0 {
-            return Err(format!("'{s}' is not a duration; expected e.g. 500ms, 5s, 2m or 1h"));
+            return Err(format!(
+                "'{s}' is not a duration; expected e.g. 500ms, 5s, 2m or 1h"
+            ));
         }
         let value: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("'{s}' is too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .bytes()
-            .take_while(|b| b.is_ascii_alphabetic())
-            .count();
+        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -209,7 +216,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(value),
             "m" | "min" => Duration::from_secs(value.saturating_mul(60)),
             "h" => Duration::from_secs(value.saturating_mul(3600)),
-            "" => return Err(format!("'{s}': a number inside a duration needs a unit (ms, s, m, h)")),
+            "" => {
+                return Err(format!(
+                    "'{s}': a number inside a duration needs a unit (ms, s, m, h)"
+                ));
+            }
             other => return Err(format!("'{s}': unknown unit '{other}'; use ms, s, m or h")),
         };
         total = total.saturating_add(part);
@@ -274,7 +285,8 @@ impl Config {
         let loops = listen.iter().any(|l| {
             upstream.iter().any(|u| {
                 l.ip() == u.ip()
-                    || (l.ip().is_unspecified() && (u.ip().is_loopback() || u.ip().is_unspecified()))
+                    || (l.ip().is_unspecified()
+                        && (u.ip().is_loopback() || u.ip().is_unspecified()))
             })
         });
         if loops {
@@ -307,7 +319,10 @@ mod tests {
         assert_eq!(hp("0.0.0.0:9292").unwrap(), "0.0.0.0:9292");
         assert_eq!(hp("[::1]:9292").unwrap(), "[::1]:9292");
         assert_eq!(hp("LocalHost:80").unwrap(), "localhost:80");
-        assert_eq!(hp("controller.example.org:9292").unwrap(), "controller.example.org:9292");
+        assert_eq!(
+            hp("controller.example.org:9292").unwrap(),
+            "controller.example.org:9292"
+        );
     }
 
     #[test]
@@ -330,12 +345,30 @@ mod tests {
     fn upstream_takes_a_url_too() {
         let u = Upstream::parse("http://127.0.0.1:60999").unwrap();
         assert_eq!(u.to_string(), "http://127.0.0.1:60999");
-        assert_eq!(Upstream::parse("HTTP://[::1]:9292/").unwrap().to_string(), "http://[::1]:9292");
-        assert_eq!(Upstream::parse("9292").unwrap().to_string(), "http://127.0.0.1:9292");
-        assert!(Upstream::parse("http://h:1/image").unwrap_err().contains("has a path"));
+        assert_eq!(
+            Upstream::parse("HTTP://[::1]:9292/").unwrap().to_string(),
+            "http://[::1]:9292"
+        );
+        assert_eq!(
+            Upstream::parse("9292").unwrap().to_string(),
+            "http://127.0.0.1:9292"
+        );
+        assert!(
+            Upstream::parse("http://h:1/image")
+                .unwrap_err()
+                .contains("has a path")
+        );
         assert!(Upstream::parse("http://h").unwrap_err().contains("no port"));
-        assert!(Upstream::parse("ftp://h:1").unwrap_err().contains("unsupported scheme"));
-        assert!(Upstream::parse("http://u:p@h:1").unwrap_err().contains("credentials"));
+        assert!(
+            Upstream::parse("ftp://h:1")
+                .unwrap_err()
+                .contains("unsupported scheme")
+        );
+        assert!(
+            Upstream::parse("http://u:p@h:1")
+                .unwrap_err()
+                .contains("credentials")
+        );
         assert!(Upstream::parse("0").unwrap_err().contains("port 0"));
     }
 
@@ -357,10 +390,18 @@ mod tests {
     #[test]
     fn listening_on_the_upstream_is_a_loop() {
         let cfg = |l: &str, u: &str| {
-            Config::new(HostPort::parse(l, true).unwrap(), Upstream::parse(u).unwrap()).validate()
+            Config::new(
+                HostPort::parse(l, true).unwrap(),
+                Upstream::parse(u).unwrap(),
+            )
+            .validate()
         };
         assert!(cfg("9292", "9292").unwrap_err().contains("loop"));
-        assert!(cfg("9292", "http://localhost:9292").unwrap_err().contains("loop"));
+        assert!(
+            cfg("9292", "http://localhost:9292")
+                .unwrap_err()
+                .contains("loop")
+        );
         assert!(cfg("0.0.0.0:9292", "9292").unwrap_err().contains("loop"));
         assert!(cfg("9292", "60999").is_ok());
         assert!(cfg("127.0.0.2:9292", "127.0.0.1:9292").is_ok());

@@ -52,7 +52,9 @@ pub fn new_request_id() -> String {
 
 /// True for `req-` followed by a lowercase uuid4, the form oslo.middleware's RequestId accepts.
 pub fn is_shim_style(id: &str) -> bool {
-    let Some(uuid) = id.strip_prefix("req-") else { return false };
+    let Some(uuid) = id.strip_prefix("req-") else {
+        return false;
+    };
     let b = uuid.as_bytes();
     b.len() == 36
         && b.iter().enumerate().all(|(i, &c)| match i {
@@ -130,10 +132,22 @@ pub fn assign(headers: &mut HeaderMap) -> Assigned {
         }
         s
     });
+    let absent = first.is_none();
     let id = new_request_id();
-    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("req-invalid"));
-    headers.insert(X_OPENSTACK_REQUEST_ID.clone(), value);
-    Assigned { id, from_client: false, replaced, original }
+    let value =
+        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("req-invalid"));
+    // `append` skips the search `insert` makes for copies to replace when there are none.
+    if absent {
+        headers.append(&X_OPENSTACK_REQUEST_ID, value);
+    } else {
+        headers.insert(&X_OPENSTACK_REQUEST_ID, value);
+    }
+    Assigned {
+        id,
+        from_client: false,
+        replaced,
+        original,
+    }
 }
 
 /// Header bytes as log text: printable ASCII kept, everything else as `\xNN`.
@@ -164,7 +178,10 @@ mod tests {
             let id = new_request_id();
             assert!(is_shim_style(&id), "{id}");
             assert_eq!(&id[18..19], "4", "version nibble: {id}");
-            assert!(matches!(&id[23..24], "8" | "9" | "a" | "b"), "variant: {id}");
+            assert!(
+                matches!(&id[23..24], "8" | "9" | "a" | "b"),
+                "variant: {id}"
+            );
             assert!(seen.insert(id));
         }
     }
@@ -186,7 +203,10 @@ mod tests {
     }
 
     fn sent(h: &HeaderMap) -> Vec<&[u8]> {
-        h.get_all(&X_OPENSTACK_REQUEST_ID).iter().map(|v| v.as_bytes()).collect()
+        h.get_all(&X_OPENSTACK_REQUEST_ID)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect()
     }
 
     #[test]
@@ -199,7 +219,11 @@ mod tests {
 
     #[test]
     fn a_clients_id_is_kept_as_is() {
-        for id in [&b"req-0f8a6b2c-1d3e-4f5a-8b7c-9d0e1f2a3b4c"[..], b"abc123", &[b'x'; 64]] {
+        for id in [
+            &b"req-0f8a6b2c-1d3e-4f5a-8b7c-9d0e1f2a3b4c"[..],
+            b"abc123",
+            &[b'x'; 64],
+        ] {
             let mut h = headers(&[id]);
             let a = assign(&mut h);
             assert!(a.from_client && a.replaced.is_none());
@@ -212,15 +236,25 @@ mod tests {
     fn over_long_repeated_or_empty_is_replaced_once() {
         for (values, want) in [
             (vec![&[b'x'; 65][..]], Replaced::TooLong { len: 65 }),
-            (vec![&b"req-a"[..], b"req-b"], Replaced::Repeated { count: 2 }),
-            (vec![&b"same"[..], b"same", b"same"], Replaced::Repeated { count: 3 }),
+            (
+                vec![&b"req-a"[..], b"req-b"],
+                Replaced::Repeated { count: 2 },
+            ),
+            (
+                vec![&b"same"[..], b"same", b"same"],
+                Replaced::Repeated { count: 3 },
+            ),
             (vec![&b""[..]], Replaced::Empty),
         ] {
             let mut h = headers(&values);
             let a = assign(&mut h);
             assert_eq!(a.replaced, Some(want));
             assert!(!a.from_client && is_shim_style(&a.id));
-            assert_eq!(sent(&h), vec![a.id.as_bytes()], "exactly one copy goes to glance");
+            assert_eq!(
+                sent(&h),
+                vec![a.id.as_bytes()],
+                "exactly one copy goes to glance"
+            );
         }
     }
 

@@ -101,14 +101,21 @@ impl ProxyError {
     pub fn summary(&self, upstream: &str) -> String {
         match self {
             ProxyError::Unreachable(e) => e.to_string(),
-            ProxyError::ClosedEarly(e) => format!("the upstream closed the connection without answering: {e}"),
+            ProxyError::ClosedEarly(e) => {
+                format!("the upstream closed the connection without answering: {e}")
+            }
             ProxyError::InvalidResponse(e) => format!("invalid response from the upstream: {e}"),
             ProxyError::Upstream(e) => e.clone(),
-            ProxyError::Timeout(d) => format!("no progress from the upstream for {:.1} s (--upstream-timeout)", d.as_secs_f64()),
+            ProxyError::Timeout(d) => format!(
+                "no progress from the upstream for {:.1} s (--upstream-timeout)",
+                d.as_secs_f64()
+            ),
             ProxyError::ClientBody(e) => format!("the client's body broke off: {e}"),
             ProxyError::BadRequest(why) => why.clone(),
             ProxyError::Connect => "CONNECT refused".into(),
-            ProxyError::Loop => format!("loop: the request came back through glance-shim ({upstream})"),
+            ProxyError::Loop => {
+                format!("loop: the request came back through glance-shim ({upstream})")
+            }
         }
     }
 
@@ -127,12 +134,18 @@ impl ProxyError {
         let mut res = Response::new(Bytes::from(bytes));
         *res.status_mut() = status;
         let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Ok(id) = HeaderValue::from_str(request_id) {
             h.insert(crate::correlation::X_OPENSTACK_REQUEST_ID.clone(), id);
         }
         if status == StatusCode::METHOD_NOT_ALLOWED {
-            h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+            h.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
         }
         (res, message)
     }
@@ -157,7 +170,10 @@ mod tests {
         assert_eq!(body["title"], "Bad Gateway");
         assert_eq!(body["message"], message.as_str());
         let m = body["message"].as_str().unwrap();
-        assert!(m.contains("127.0.0.1:60999") && m.contains("nothing listens"), "{m}");
+        assert!(
+            m.contains("127.0.0.1:60999") && m.contains("nothing listens"),
+            "{m}"
+        );
         assert!(m.contains("Is the debug glance-api running?"), "{m}");
     }
 

@@ -4,11 +4,9 @@
 //! Everything follows RFC 9110 §7.6 (hop-by-hop fields, Via) and what glance reads; `proxy` decides when
 //! to call these, and nothing here does I/O.
 
-use std::net::IpAddr;
-
 use bytes::{BufMut, BytesMut};
 use http::HeaderValue;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, Entry, HeaderMap, HeaderName};
 
 /// The `Via` entry this proxy adds (and recognises coming back, which means a loop).
 pub const VIA_SELF: &str = "1.1 glance-shim";
@@ -21,49 +19,80 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Fields that describe one connection, never the message: RFC 9110 §7.6.1 plus the legacy
 /// `Keep-Alive`/`Proxy-Connection` and the proxy-auth pair, which belong to the hop they were sent on.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::PROXY_AUTHENTICATE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &header::TRANSFER_ENCODING,
+    &header::TE,
+    &header::TRAILER,
+    &header::UPGRADE,
+    &header::PROXY_AUTHORIZATION,
+    &header::PROXY_AUTHENTICATE,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+];
+
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "transfer-encoding" => 1,
+        "te" => 2,
+        "trailer" => 3,
+        "upgrade" => 4,
+        "proxy-authorization" => 5,
+        "proxy-authenticate" => 6,
+        "keep-alive" => 7,
+        "proxy-connection" => 8,
+        _ => return None,
+    })
 }
 
 /// Removes every hop-by-hop field: each name listed in `Connection`, then the fixed set.
 ///
-/// Most messages carry none or only `Connection: keep-alive`, so the map is scanned once and only
-/// touched when something has to go.
+/// Most messages carry none, or only `Connection: keep-alive`: one scan of the names finds what is
+/// there, and only those are removed.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
         return;
     }
-    let listed: Vec<HeaderName> = headers
+    if present[0] {
+        // Names listed in Connection other than the usual keep-alive/close tokens (which name no
+        // field, or the Keep-Alive field already handled) are rare; allocate only for them.
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present[i] {
+            headers.remove(*name);
+        }
+    }
+}
+
+/// True when a `Connection` field asks to close the connection after this message.
+pub fn says_close(headers: &HeaderMap) -> bool {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        &header::CONNECTION,
-        &header::TRANSFER_ENCODING,
-        &header::TE,
-        &header::TRAILER,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
-        headers.remove(name);
-    }
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
 /// True when one of the `Via` entries is ours: the request has been through this shim before.
@@ -82,8 +111,8 @@ pub fn has_our_via(headers: &HeaderMap) -> bool {
 
 /// What the shim adds to a request before forwarding it.
 pub struct Forwarded<'a> {
-    /// The address the request came from (appended to `X-Forwarded-For`).
-    pub client_ip: IpAddr,
+    /// The address the request came from, as it is appended to `X-Forwarded-For`.
+    pub client_ip: &'a HeaderValue,
     /// `http` or `https`: how the client reached the shim.
     pub proto: &'static str,
     /// The `Host` the client sent, if any.
@@ -94,47 +123,37 @@ pub struct Forwarded<'a> {
 /// earlier proxy (Apache in front of the shim) already did: its values describe the client's original
 /// request, which is what glance's `http_proxy_to_wsgi` needs to build URLs.
 pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
-    append_list(headers, &header::VIA, VIA_SELF.as_bytes());
-    let mut ip = [0u8; 48];
-    let ip = {
-        use std::io::Write;
-        let mut cursor = std::io::Cursor::new(&mut ip[..]);
-        // An IP address always fits in 48 bytes.
-        let _ = write!(cursor, "{}", fwd.client_ip);
-        let len = cursor.position() as usize;
-        &ip[..len]
-    };
-    append_list(headers, &X_FORWARDED_FOR, ip);
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
-    }
-    if let Some(host) = fwd.host
-        && !headers.contains_key(&X_FORWARDED_HOST)
-    {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    append_list(headers, &header::VIA, &VIA_VALUE);
+    append_list(headers, &X_FORWARDED_FOR, fwd.client_ip);
+    headers
+        .entry(&X_FORWARDED_PROTO)
+        .or_insert_with(|| HeaderValue::from_static(fwd.proto));
+    if let Some(host) = fwd.host {
+        headers
+            .entry(&X_FORWARDED_HOST)
+            .or_insert_with(|| host.clone());
     }
 }
 
+static VIA_VALUE: HeaderValue = HeaderValue::from_static(VIA_SELF);
+
 /// Appends `item` to a comma-separated list field, folding earlier lines of it into one.
-fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &[u8]) {
-    let mut existing = headers.get_all(name).iter().peekable();
-    if existing.peek().is_none() {
-        if let Ok(v) = HeaderValue::from_bytes(item) {
-            headers.insert(name.clone(), v);
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &HeaderValue) {
+    match headers.entry(name) {
+        Entry::Vacant(slot) => {
+            slot.insert(item.clone());
         }
-        return;
-    }
-    let mut buf = BytesMut::with_capacity(64);
-    for v in existing {
-        if !buf.is_empty() {
-            buf.put_slice(b", ");
+        Entry::Occupied(mut slot) => {
+            let mut buf = BytesMut::with_capacity(64);
+            for v in slot.iter() {
+                buf.put_slice(v.as_bytes());
+                buf.put_slice(b", ");
+            }
+            buf.put_slice(item.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
+                slot.insert(v);
+            }
         }
-        buf.put_slice(v.as_bytes());
-    }
-    buf.put_slice(b", ");
-    buf.put_slice(item);
-    if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
-        headers.insert(name.clone(), v);
     }
 }
 
@@ -193,7 +212,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -228,7 +250,11 @@ mod tests {
 
     #[test]
     fn end_to_end_fields_are_untouched() {
-        let mut h = map(&[("host", "a"), ("content-type", "application/json"), ("x-image-meta", "1")]);
+        let mut h = map(&[
+            ("host", "a"),
+            ("content-type", "application/json"),
+            ("x-image-meta", "1"),
+        ]);
         let before = h.clone();
         remove_hop_by_hop(&mut h);
         assert_eq!(h, before);
@@ -238,7 +264,14 @@ mod tests {
     fn forwarding_fields() {
         let host = HeaderValue::from_static("controller:9292");
         let mut h = map(&[("host", "controller:9292")]);
-        add_forwarding(&mut h, &Forwarded { client_ip: "10.0.0.7".parse().unwrap(), proto: "http", host: Some(&host) });
+        add_forwarding(
+            &mut h,
+            &Forwarded {
+                client_ip: &HeaderValue::from_static("10.0.0.7"),
+                proto: "http",
+                host: Some(&host),
+            },
+        );
         assert_eq!(h["via"], "1.1 glance-shim");
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -255,7 +288,14 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "cloud.example.org"),
         ]);
-        add_forwarding(&mut h, &Forwarded { client_ip: "::1".parse().unwrap(), proto: "http", host: Some(&host) });
+        add_forwarding(
+            &mut h,
+            &Forwarded {
+                client_ip: &HeaderValue::from_static("::1"),
+                proto: "http",
+                host: Some(&host),
+            },
+        );
         assert_eq!(h["via"], "1.1 apache, 1.1 glance-shim");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, ::1");
@@ -266,7 +306,10 @@ mod tests {
     #[test]
     fn our_own_via_means_a_loop() {
         assert!(has_our_via(&map(&[("via", "1.1 apache, 1.1 glance-shim")])));
-        assert!(has_our_via(&map(&[("via", "HTTP/1.1 glance-shim (debug)")])));
+        assert!(has_our_via(&map(&[(
+            "via",
+            "HTTP/1.1 glance-shim (debug)"
+        )])));
         assert!(!has_our_via(&map(&[("via", "1.1 glance-shim-other")])));
         assert!(!has_our_via(&map(&[("via", "1.1 apache")])));
         assert!(!has_our_via(&map(&[])));
@@ -277,7 +320,10 @@ mod tests {
         assert_eq!(check_host(&map(&[("host", "a")]), true), Ok(()));
         assert_eq!(check_host(&map(&[]), true), Err(HostProblem::Missing));
         assert_eq!(check_host(&map(&[]), false), Ok(()));
-        assert_eq!(check_host(&map(&[("host", "a"), ("host", "b")]), true), Err(HostProblem::Repeated(2)));
+        assert_eq!(
+            check_host(&map(&[("host", "a"), ("host", "b")]), true),
+            Err(HostProblem::Repeated(2))
+        );
     }
 
     #[test]

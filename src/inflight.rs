@@ -69,7 +69,8 @@ impl Entry {
 
     /// Records that something moved: a body frame in either direction or the response headers.
     pub fn progress(&self, now_waiting: Waiting) {
-        self.last_progress_us.store(self.micros_since_start(Instant::now()), Ordering::Relaxed);
+        self.last_progress_us
+            .store(self.micros_since_start(Instant::now()), Ordering::Relaxed);
         self.waiting.store(now_waiting as u8, Ordering::Relaxed);
     }
 
@@ -104,9 +105,9 @@ impl Entry {
     pub fn resumed(&self, paused: Duration) {
         if self.stall_notices.swap(0, Ordering::Relaxed) > 0 {
             info!(
-                id = %self.id,
-                method = %self.method,
-                path = %self.target,
+                id = self.id.as_str(),
+                method = self.method.as_str(),
+                path = self.target.as_str(),
                 paused_s = secs(paused),
                 "the upstream is moving again after {:.1} s",
                 paused.as_secs_f64()
@@ -117,7 +118,8 @@ impl Entry {
     /// How long nothing has moved.
     pub fn idle(&self, now: Instant) -> Duration {
         let last = Duration::from_micros(self.last_progress_us.load(Ordering::Relaxed));
-        now.saturating_duration_since(self.started).saturating_sub(last)
+        now.saturating_duration_since(self.started)
+            .saturating_sub(last)
     }
 }
 
@@ -174,7 +176,10 @@ impl Registry {
             stall_mark_us: AtomicU64::new(0),
         });
         self.lock().insert(serial, entry.clone());
-        Guard { registry: self.clone(), entry }
+        Guard {
+            registry: self.clone(),
+            entry,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -216,9 +221,9 @@ impl Registry {
                     Phase::Streaming => "has sent nothing more",
                 };
                 warn!(
-                    id = %entry.id,
-                    method = %entry.method,
-                    path = %entry.target,
+                    id = entry.id.as_str(),
+                    method = entry.method.as_str(),
+                    path = entry.target.as_str(),
                     client = %entry.client,
                     waited_s = secs(idle),
                     "the upstream {what} for {:.1} s: it is probably paused at a breakpoint",
@@ -300,7 +305,12 @@ mod tests {
     }
 
     fn register(r: &Arc<Registry>, id: &str) -> Guard {
-        r.register(id.into(), http::Method::GET, "/v2/images".into(), "127.0.0.1:5000".parse().unwrap())
+        r.register(
+            id.into(),
+            http::Method::GET,
+            "/v2/images".into(),
+            "127.0.0.1:5000".parse().unwrap(),
+        )
     }
 
     #[test]
@@ -334,8 +344,14 @@ mod tests {
         b.entry.waiting_on(Waiting::Client);
         let t = r.table(Instant::now());
         assert!(t.starts_with("2 request(s) in flight"), "{t}");
-        assert!(t.contains("req-one GET /v2/images from 127.0.0.1:5000"), "{t}");
-        assert!(t.contains("in=42") && t.contains("sending to the client"), "{t}");
+        assert!(
+            t.contains("req-one GET /v2/images from 127.0.0.1:5000"),
+            "{t}"
+        );
+        assert!(
+            t.contains("in=42") && t.contains("sending to the client"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -350,8 +366,17 @@ mod tests {
 
     #[test]
     fn tick_bounds() {
-        assert_eq!(watchdog_tick(Duration::from_secs(5)), Duration::from_millis(500));
-        assert_eq!(watchdog_tick(Duration::from_millis(200)), Duration::from_millis(20));
-        assert_eq!(watchdog_tick(Duration::from_millis(1)), Duration::from_millis(10));
+        assert_eq!(
+            watchdog_tick(Duration::from_secs(5)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            watchdog_tick(Duration::from_millis(200)),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            watchdog_tick(Duration::from_millis(1)),
+            Duration::from_millis(10)
+        );
     }
 }

@@ -23,7 +23,14 @@ fn main() -> ExitCode {
         eprintln!("glance-shim: {msg}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread, like one nginx worker: a debugging proxy's load fits on one core, and on a small
+    // machine the client, the shim and glance compete for cores, where cross-thread wake-ups only
+    // add context switches (measured in bench/README.md).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(logging::flush)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("glance-shim: cannot start the runtime: {e}");
@@ -43,18 +50,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let server = match server::Server::new(listener, config) {
-            Ok(s) => s,
-            Err(msg) => {
-                eprintln!("glance-shim: {msg}");
-                return ExitCode::from(2);
-            }
-        };
+        let server = server::Server::new(listener, config);
         signals::spawn_table_on_usr1(server.registry());
         server.run(signals::shutdown_requested()).await;
         ExitCode::SUCCESS
     });
     // Connections still open after the drain are abandoned, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    logging::flush();
     code
 }

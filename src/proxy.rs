@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use hyper::body::{Body, Incoming};
 use tracing::{info, warn};
@@ -21,14 +21,34 @@ use crate::correlation::{self, X_OPENSTACK_REQUEST_ID};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarded};
 use crate::inflight::{Entry, Guard, Registry, Waiting};
-use crate::upstream::{ConnectError, UpstreamClient};
+use crate::upstream::{Lease, Pool, UpstreamError};
+
+/// What the requests of one client connection share, rendered once when it is accepted.
+#[derive(Debug)]
+pub struct Client {
+    pub addr: SocketAddr,
+    /// `addr` as text, for the log.
+    pub text: Box<str>,
+    /// The client's IP as it is appended to `X-Forwarded-For`.
+    pub ip: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Arc<Client> {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Arc::new(Client {
+            addr,
+            text: addr.to_string().into_boxed_str(),
+            ip,
+        })
+    }
+}
 
 /// What every request needs, shared by all connections.
 pub struct Proxy {
-    client: UpstreamClient,
+    pool: Arc<Pool>,
     pub registry: Arc<Registry>,
-    /// The upstream's authority, put into every forwarded URI.
-    authority: Authority,
     /// The upstream address as text, for messages.
     upstream_display: String,
     /// How clients reach the shim: goes into `X-Forwarded-Proto`.
@@ -38,53 +58,67 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, client: UpstreamClient, registry: Arc<Registry>) -> Result<Proxy, String> {
-        let authority = Authority::try_from(config.upstream.addr.authority())
-            .map_err(|e| format!("upstream {} is not a valid authority: {e}", config.upstream.addr))?;
-        Ok(Proxy {
-            client,
+    pub fn new(config: &Config, pool: Arc<Pool>, registry: Arc<Registry>) -> Proxy {
+        Proxy {
+            pool,
             registry,
-            authority,
             upstream_display: config.upstream.addr.to_string(),
             client_proto: "http",
             log_headers: config.log_headers,
             upstream_timeout: config.upstream_timeout,
-        })
+        }
     }
 
-    /// Handles one request from `peer`; never fails: every failure becomes a response.
-    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<ResponseBody> {
+    /// Handles one request from `client`; never fails: every failure becomes a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        client: Arc<Client>,
+        req: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let (mut parts, body) = req.into_parts();
         let assigned = correlation::assign(&mut parts.headers);
         let target = match parts.uri.authority() {
             // Absolute-form (`GET http://host/path`): show what the client wrote.
             Some(_) => parts.uri.to_string(),
-            None => parts.uri.path_and_query().map_or("/", PathAndQuery::as_str).to_owned(),
+            None => parts
+                .uri
+                .path_and_query()
+                .map_or("/", PathAndQuery::as_str)
+                .to_owned(),
         };
-        let guard = self.registry.register(assigned.id.clone(), parts.method.clone(), target, peer);
+        let guard = self.registry.register(
+            assigned.id.clone(),
+            parts.method.clone(),
+            target,
+            client.addr,
+        );
         let entry = &guard.entry;
         let logged_headers = self.log_headers.then(|| headers::for_log(&parts.headers));
         // Written before anything is sent upstream: when a breakpoint holds this request, this line is
         // already in the log.
         info!(
-            id = %entry.id,
-            method = %entry.method,
-            path = %entry.target,
-            client = %peer,
-            id_from = %if assigned.from_client { "client" } else { "shim" },
+            id = entry.id.as_str(),
+            method = entry.method.as_str(),
+            path = entry.target.as_str(),
+            client = &*client.text,
+            id_from = if assigned.from_client {
+                "client"
+            } else {
+                "shim"
+            },
             headers = logged_headers,
             "arrived"
         );
         if let Some(why) = &assigned.replaced {
             warn!(
-                id = %entry.id,
+                id = entry.id.as_str(),
                 original = assigned.original.as_deref().unwrap_or(""),
                 "{why}; sent glance-shim's id {} instead",
                 entry.id
             );
         }
 
-        let upstream_req = match self.prepare(&mut parts, peer) {
+        let upstream_req = match self.prepare(&mut parts, &client) {
             Ok(uri) => {
                 parts.uri = uri;
                 parts.version = Version::HTTP_11;
@@ -101,7 +135,11 @@ impl Proxy {
     }
 
     /// Checks the request and turns its headers into the upstream request's; returns the upstream URI.
-    fn prepare(&self, parts: &mut http::request::Parts, peer: SocketAddr) -> Result<Uri, ProxyError> {
+    fn prepare(
+        &self,
+        parts: &mut http::request::Parts,
+        client: &Client,
+    ) -> Result<Uri, ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
@@ -111,7 +149,9 @@ impl Proxy {
         headers::check_host(&parts.headers, parts.version == Version::HTTP_11).map_err(|p| {
             ProxyError::BadRequest(match p {
                 headers::HostProblem::Missing => "an HTTP/1.1 request needs a Host header".into(),
-                headers::HostProblem::Repeated(n) => format!("the request has {n} Host headers; one is allowed"),
+                headers::HostProblem::Repeated(n) => {
+                    format!("the request has {n} Host headers; one is allowed")
+                }
             })
         })?;
         if let Some(authority) = parts.uri.authority() {
@@ -134,24 +174,31 @@ impl Proxy {
         // upstream must not wait for a 100 it will never see sent on: uWSGI never sends one.
         parts.headers.remove(header::EXPECT);
         if chunked && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-            parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
         let host = parts.headers.get(header::HOST).cloned();
         headers::add_forwarding(
             &mut parts.headers,
-            &Forwarded { client_ip: peer.ip(), proto: self.client_proto, host: host.as_ref() },
+            &Forwarded {
+                client_ip: &client.ip,
+                proto: self.client_proto,
+                host: host.as_ref(),
+            },
         );
 
+        // Origin-form, exactly as the client wrote it: hyper writes the URI as given.
+        if parts.uri.authority().is_none() {
+            return Ok(std::mem::take(&mut parts.uri));
+        }
         let path = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        uri.path_and_query = Some(path);
-        Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(format!("cannot forward this request target: {e}")))
+        Ok(Uri::from(path))
     }
 
     /// Sends the request and waits for the response headers, for as long as it takes unless
@@ -160,8 +207,8 @@ impl Proxy {
         &self,
         req: Request<RequestBody>,
         entry: &Arc<Entry>,
-    ) -> Result<(Response<Incoming>, Duration), ProxyError> {
-        let fut = self.client.request(req);
+    ) -> Result<(Response<Incoming>, Lease, Duration), ProxyError> {
+        let fut = self.pool.send(req);
         let result = match self.upstream_timeout {
             None => fut.await,
             Some(limit) => {
@@ -182,12 +229,20 @@ impl Proxy {
             }
         };
         let headers_after = entry.started.elapsed();
-        result.map(|res| (res, headers_after)).map_err(|e| classify(&e, entry))
+        result
+            .map(|(res, lease)| (res, lease, headers_after))
+            .map_err(|e| classify(&e, entry))
     }
 
     /// Relays the upstream's response: hop-by-hop fields out, everything else as it came.
-    fn relay(&self, (res, headers_after): (Response<Incoming>, Duration), guard: Guard) -> Response<ResponseBody> {
+    fn relay(
+        &self,
+        (res, lease, headers_after): (Response<Incoming>, Lease, Duration),
+        guard: Guard,
+    ) -> Response<ResponseBody> {
         let (mut parts, body) = res.into_parts();
+        // A connection the upstream will close is not worth returning to the pool.
+        let reusable = parts.version == Version::HTTP_11 && !headers::says_close(&parts.headers);
         // The version belongs to each hop: the shim speaks HTTP/1.1 to its client (hyper answers an
         // HTTP/1.0 client in 1.0) whatever the upstream spoke.
         parts.version = Version::HTTP_11;
@@ -196,7 +251,9 @@ impl Proxy {
             .headers
             .get(&X_OPENSTACK_REQUEST_ID)
             .map(|v| correlation::printable(v.as_bytes()));
-        guard.entry.resumed(guard.entry.idle(std::time::Instant::now()));
+        guard
+            .entry
+            .resumed(guard.entry.idle(std::time::Instant::now()));
         guard.entry.progress(Waiting::Upstream);
         let completion = Completion {
             guard,
@@ -205,7 +262,11 @@ impl Proxy {
             upstream_id,
             error: None,
         };
-        Response::from_parts(parts, ResponseBody::upstream(body, completion, self.upstream_timeout))
+        let lease = reusable.then_some(lease);
+        Response::from_parts(
+            parts,
+            ResponseBody::upstream(body, completion, lease, self.upstream_timeout),
+        )
     }
 
     /// Answers for the upstream with an OpenStack-style JSON error.
@@ -227,26 +288,27 @@ impl Proxy {
 }
 
 /// Sorts a failed upstream exchange into what the client should be told.
-fn classify(err: &hyper_util::client::legacy::Error, entry: &Entry) -> ProxyError {
-    if let Some(connect) = find_source::<ConnectError>(err) {
-        return ProxyError::Unreachable(connect.clone());
-    }
+fn classify(err: &UpstreamError, entry: &Entry) -> ProxyError {
+    let err = match err {
+        UpstreamError::Connect(connect) => return ProxyError::Unreachable(connect.clone()),
+        UpstreamError::Http(e) => e,
+    };
     let chain = error_chain(err);
     if entry.client_body_failed.load(Ordering::Relaxed) {
         return ProxyError::ClientBody(chain);
     }
-    if let Some(h) = find_source::<hyper::Error>(err) {
-        if h.is_incomplete_message() || h.is_canceled() {
-            return ProxyError::ClosedEarly(chain);
-        }
-        if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
-            return ProxyError::InvalidResponse(chain);
-        }
+    if err.is_incomplete_message() || err.is_canceled() {
+        return ProxyError::ClosedEarly(chain);
+    }
+    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+        return ProxyError::InvalidResponse(chain);
     }
     if let Some(io) = find_source::<std::io::Error>(err)
         && matches!(
             io.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
         )
     {
         return ProxyError::ClosedEarly(chain);
@@ -254,7 +316,9 @@ fn classify(err: &hyper_util::client::legacy::Error, entry: &Entry) -> ProxyErro
     ProxyError::Upstream(chain)
 }
 
-fn find_source<'a, T: std::error::Error + 'static>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+fn find_source<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(found) = e.downcast_ref::<T>() {

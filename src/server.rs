@@ -18,8 +18,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::inflight::{self, Registry};
-use crate::proxy::Proxy;
-use crate::upstream::{self, Connector, Health};
+use crate::proxy::{Client, Proxy};
+use crate::upstream::{Connector, Health, Pool};
 
 /// A bound, not yet running, shim.
 pub struct Server {
@@ -31,9 +31,16 @@ pub struct Server {
 /// Binds `config.listen` (backlog 1024, so a burst of connections is queued rather than refused).
 pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
     let addrs = config.listen.resolve()?;
-    let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "the address resolved to nothing");
+    let mut last = io::Error::new(
+        io::ErrorKind::AddrNotAvailable,
+        "the address resolved to nothing",
+    );
     for addr in addrs {
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         socket.set_reuseaddr(true)?;
         match socket.bind(addr).and_then(|()| socket.listen(1024)) {
             Ok(listener) => return Ok(listener),
@@ -45,12 +52,16 @@ pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
 
 impl Server {
     /// Builds the shim around an already bound listener (tests bind 127.0.0.1:0).
-    pub fn new(listener: TcpListener, config: Config) -> Result<Server, String> {
+    pub fn new(listener: TcpListener, config: Config) -> Server {
         let health = Arc::new(Health::default());
         let connector = Connector::new(&config.upstream, config.wait_upstream, health);
         let registry = Arc::new(Registry::default());
-        let proxy = Proxy::new(&config, upstream::client(connector), registry)?;
-        Ok(Server { listener, proxy: Arc::new(proxy), config: Arc::new(config) })
+        let proxy = Proxy::new(&config, Pool::new(connector), registry);
+        Server {
+            listener,
+            proxy: Arc::new(proxy),
+            config: Arc::new(config),
+        }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -65,8 +76,15 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting and lets in-flight requests finish for
     /// up to `--drain`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { listener, proxy, config } = self;
-        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let Server {
+            listener,
+            proxy,
+            config,
+        } = self;
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         info!(
             listen = %local,
             upstream = %config.upstream,
@@ -113,9 +131,10 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let proxy = proxy.clone();
+            let client = Client::new(peer);
             let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, req).await) }
+                let (proxy, client) = (proxy.clone(), client.clone());
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(client, req).await) }
             });
             let conn = http.serve_connection(TokioIo::new(stream), service);
             let conn = graceful.watch(conn);
@@ -133,7 +152,10 @@ impl Server {
             "shutting down: no new connections; letting {in_flight} request(s) in flight finish for up to {:.1} s",
             config.drain.as_secs_f64()
         );
-        if tokio::time::timeout(config.drain, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(config.drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
             let table = proxy.registry.table(std::time::Instant::now());
             warn!("drain time (--drain) is over; exiting with {table}");
         } else {

@@ -13,8 +13,10 @@ pub const FORCED_EXIT: i32 = 130;
 
 /// Completes at the first SIGTERM or SIGINT; from then on a further SIGINT exits the process at once.
 pub async fn shutdown_requested() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("cannot install SIGTERM/SIGINT handlers; stop glance-shim with SIGKILL");
         return std::future::pending().await;
     };
@@ -22,10 +24,14 @@ pub async fn shutdown_requested() {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    info!(signal = name, "{name} received; press Ctrl-C again to exit at once");
+    info!(
+        signal = name,
+        "{name} received; press Ctrl-C again to exit at once"
+    );
     tokio::spawn(async move {
         int.recv().await;
         warn!("second SIGINT: exiting now, without waiting for requests in flight");
+        crate::logging::flush();
         std::process::exit(FORCED_EXIT);
     });
 }

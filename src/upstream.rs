@@ -1,22 +1,20 @@
 //! The connection to the upstream glance-api: a connector that knows the one address it may reach,
 //! holds requests while the upstream is down (`--wait-upstream`), and says once, not per request, when
-//! the upstream goes away and comes back; plus the pooled HTTP/1.1 client built on it.
+//! the upstream goes away and comes back; and the keep-alive pool of HTTP/1.1 connections built on it.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::body::RequestBody;
 use crate::config::{HostPort, Upstream};
@@ -29,7 +27,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub enum ConnectError {
     /// Nothing listens there (connection refused), even after waiting `waited`.
-    Refused { addr: String, waited: Option<Duration> },
+    Refused {
+        addr: String,
+        waited: Option<Duration>,
+    },
     /// No answer to the connect within [`CONNECT_TIMEOUT`].
     TimedOut { addr: String },
     /// The upstream host name did not resolve.
@@ -44,7 +45,10 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Refused { addr, waited: None } => {
                 write!(f, "nothing listens on {addr} (connection refused)")
             }
-            ConnectError::Refused { addr, waited: Some(w) } => write!(
+            ConnectError::Refused {
+                addr,
+                waited: Some(w),
+            } => write!(
                 f,
                 "nothing listens on {addr} (connection refused), still after waiting {:.1} s",
                 w.as_secs_f64()
@@ -98,7 +102,7 @@ impl Health {
     }
 }
 
-/// Connects to the configured upstream, whatever URI the client pool asks for.
+/// Connects to the configured upstream.
 #[derive(Clone, Debug)]
 pub struct Connector {
     inner: Arc<ConnectorInner>,
@@ -141,7 +145,10 @@ impl ConnectorInner {
                 let host = self.addr.to_string();
                 tokio::net::lookup_host(host)
                     .await
-                    .map_err(|e| ConnectError::Resolve { addr: self.display.clone(), reason: e.to_string() })?
+                    .map_err(|e| ConnectError::Resolve {
+                        addr: self.display.clone(),
+                        reason: e.to_string(),
+                    })?
                     .collect()
             }
         };
@@ -150,12 +157,22 @@ impl ConnectorInner {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => return Ok(stream),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    last = Some(ConnectError::Refused { addr: self.display.clone(), waited: None });
+                    last = Some(ConnectError::Refused {
+                        addr: self.display.clone(),
+                        waited: None,
+                    });
                 }
                 Ok(Err(e)) => {
-                    last = Some(ConnectError::Io { addr: self.display.clone(), reason: e.to_string() })
+                    last = Some(ConnectError::Io {
+                        addr: self.display.clone(),
+                        reason: e.to_string(),
+                    })
                 }
-                Err(_) => last = Some(ConnectError::TimedOut { addr: self.display.clone() }),
+                Err(_) => {
+                    last = Some(ConnectError::TimedOut {
+                        addr: self.display.clone(),
+                    })
+                }
             }
         }
         Err(last.unwrap_or_else(|| ConnectError::Resolve {
@@ -184,7 +201,10 @@ impl ConnectorInner {
                     };
                     let now = Instant::now();
                     if now >= deadline {
-                        return Err(ConnectError::Refused { addr, waited: Some(now - started) });
+                        return Err(ConnectError::Refused {
+                            addr,
+                            waited: Some(now - started),
+                        });
                     }
                     tokio::time::sleep_until((now + backoff).min(deadline)).await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
@@ -195,34 +215,146 @@ impl ConnectorInner {
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+/// Why a request could not be exchanged with the upstream.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection could be made.
+    Connect(ConnectError),
+    /// The connection failed while sending the request or reading the response head.
+    Http(hyper::Error),
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.connect().await.map(TokioIo::new) })
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => e.fmt(f),
+            UpstreamError::Http(e) => e.fmt(f),
+        }
     }
 }
 
-/// The pooled client every request goes through.
-pub type UpstreamClient = Client<Connector, RequestBody>;
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpstreamError::Connect(e) => Some(e),
+            UpstreamError::Http(e) => Some(e),
+        }
+    }
+}
 
-/// Builds the client: HTTP/1.1 only, keep-alive pooling, header case kept as the peers wrote it, `Host`
-/// never added (the client's is forwarded), and retries only for requests that were never written to a
-/// reused connection (hyper's `retry_canceled_requests`), which is always safe.
-pub fn client(connector: Connector) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .http1_preserve_header_case(true)
-        .set_host(false)
-        .retry_canceled_requests(true)
-        .build(connector)
+type Sender = SendRequest<RequestBody>;
+
+/// Keep-alive connections to the upstream.
+///
+/// A connection goes back to the pool only when a response ended cleanly on it (see [`Lease`]), so a
+/// connection whose response broke off, had bad framing or said `Connection: close` is never reused.
+/// A request is retried only when hyper hands it back unwritten from a pooled connection that turned
+/// out to be closed: a request that may have reached glance is never sent twice.
+#[derive(Debug)]
+pub struct Pool {
+    connector: Connector,
+    idle: Mutex<Vec<Sender>>,
+    http: http1::Builder,
+}
+
+/// Upstream connections kept idle at most; more than glance ever needs, few enough to bound memory.
+const MAX_IDLE: usize = 256;
+
+impl Pool {
+    pub fn new(connector: Connector) -> Arc<Pool> {
+        let mut http = http1::Builder::new();
+        http.preserve_header_case(true);
+        Arc::new(Pool {
+            connector,
+            idle: Mutex::new(Vec::new()),
+            http,
+        })
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection that is still open (the likeliest to still be alive).
+    fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.idle();
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    async fn open(&self) -> Result<Sender, UpstreamError> {
+        let stream = self
+            .connector
+            .inner
+            .connect()
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, conn) = self
+            .http
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` and returns the response head with the lease on its connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.open().await?, false),
+            };
+            if reused && sender.ready().await.is_err() {
+                continue; // closed while idle; nothing was sent on it
+            }
+            match sender.try_send_request(req).await {
+                Ok(res) => {
+                    return Ok((
+                        res,
+                        Lease {
+                            pool: self.clone(),
+                            sender: Some(sender),
+                        },
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// The right to reuse the connection a response came on. Released into the pool when the response
+/// body has ended cleanly; dropped otherwise, which closes the connection once hyper is done with it.
+#[derive(Debug)]
+pub struct Lease {
+    pool: Arc<Pool>,
+    sender: Option<Sender>,
+}
+
+impl Lease {
+    pub fn release(mut self) {
+        if let Some(sender) = self.sender.take()
+            && !sender.is_closed()
+        {
+            let mut idle = self.pool.idle();
+            if idle.len() < MAX_IDLE {
+                idle.push(sender);
+            }
+        }
+    }
 }

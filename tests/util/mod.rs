@@ -43,10 +43,19 @@ impl Shim {
     /// Starts the shim listening on 127.0.0.1:0 in front of `upstream`, with extra flags, and waits
     /// for its "listening" line.
     pub async fn start(upstream: &str, extra: &[&str]) -> Shim {
-        let mut args = vec!["--listen", "127.0.0.1:0", "--upstream", upstream, "--log-format", "json"];
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+            "--log-format",
+            "json",
+        ];
         args.extend_from_slice(extra);
         let mut shim = Shim::spawn(&args, &[]);
-        let line = shim.wait_for("the listening line", |l| msg(l) == "listening").await;
+        let line = shim
+            .wait_for("the listening line", |l| msg(l) == "listening")
+            .await;
         shim.addr = line["listen"].as_str().unwrap().parse().unwrap();
         shim
     }
@@ -54,7 +63,10 @@ impl Shim {
     /// Spawns the binary with exactly these arguments and environment additions.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Shim {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-shim"));
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         for var in ["RUST_LOG", "NO_COLOR"] {
             cmd.env_remove(var);
         }
@@ -64,7 +76,10 @@ impl Shim {
         let mut child = cmd.spawn().expect("spawn glance-shim");
         let stderr = child.stderr.take().unwrap();
         let (tx, _) = watch::channel(0);
-        let log = Arc::new(LogLines { lines: Mutex::new(Vec::new()), changed: tx });
+        let log = Arc::new(LogLines {
+            lines: Mutex::new(Vec::new()),
+            changed: tx,
+        });
         let reader = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
@@ -74,7 +89,11 @@ impl Shim {
                 reader.changed.send_modify(|n| *n += 1);
             }
         });
-        Shim { child: Some(child), addr: "127.0.0.1:0".parse().unwrap(), log }
+        Shim {
+            child: Some(child),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -92,7 +111,13 @@ impl Shim {
 
     /// Number of log lines matching `pred`.
     pub fn count(&self, pred: impl Fn(&Value) -> bool) -> usize {
-        self.log.lines.lock().unwrap().iter().filter(|l| pred(l)).count()
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| pred(l))
+            .count()
     }
 
     /// Waits until a log line matches `pred` and returns it.
@@ -106,22 +131,44 @@ impl Shim {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             rx.borrow_and_update();
-            if let Some(found) = self.log.lines.lock().unwrap().iter().filter(|l| pred(l)).nth(n - 1) {
+            if let Some(found) = self
+                .log
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| pred(l))
+                .nth(n - 1)
+            {
                 return found.clone();
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                panic!("no log line for {what} within {PATIENCE:?}; the log:\n{}", self.dump());
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                panic!(
+                    "no log line for {what} within {PATIENCE:?}; the log:\n{}",
+                    self.dump()
+                );
             }
         }
     }
 
     pub fn dump(&self) -> String {
-        self.lines().iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
+        self.lines()
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Sends a signal (`TERM`, `INT`, `USR1`...) with kill(1).
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(status.success(), "kill -{sig} failed");
     }
 
@@ -132,7 +179,11 @@ impl Shim {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "shim did not exit; log:\n{}", self.dump());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shim did not exit; log:\n{}",
+                self.dump()
+            );
             // Polling a child's exit has no async signal to wait on without a reaper; 5 ms polls.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -229,7 +280,10 @@ impl Head {
 
     /// The field name as written on the wire.
     pub fn name_as_sent(&self, name: &str) -> Option<&str> {
-        self.fields.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(k, _)| k.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(k, _)| k.as_str())
     }
 
     pub fn status(&self) -> u16 {
@@ -239,7 +293,10 @@ impl Head {
 
 impl Conn {
     pub fn new(stream: TcpStream) -> Conn {
-        Conn { stream, buf: Vec::new() }
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub async fn connect(addr: SocketAddr) -> Conn {
@@ -272,14 +329,22 @@ impl Conn {
                     .collect();
                 return Head { start, fields, raw };
             }
-            assert!(self.fill().await > 0, "connection closed before a complete head; got {:?}", String::from_utf8_lossy(&self.buf));
+            assert!(
+                self.fill().await > 0,
+                "connection closed before a complete head; got {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
         }
     }
 
     /// Reads exactly `n` body bytes.
     pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
         while self.buf.len() < n {
-            assert!(self.fill().await > 0, "connection closed after {} of {n} bytes", self.buf.len());
+            assert!(
+                self.fill().await > 0,
+                "connection closed after {} of {n} bytes",
+                self.buf.len()
+            );
         }
         self.buf.drain(..n).collect()
     }
@@ -290,7 +355,10 @@ impl Conn {
                 let line: Vec<u8> = self.buf.drain(..end + 2).collect();
                 return String::from_utf8_lossy(&line[..end]).into_owned();
             }
-            assert!(self.fill().await > 0, "connection closed inside a chunked body");
+            assert!(
+                self.fill().await > 0,
+                "connection closed inside a chunked body"
+            );
         }
     }
 
@@ -319,7 +387,10 @@ impl Conn {
 
     /// Reads a body framed as `head` says (Content-Length, chunked, or until close).
     pub async fn read_body(&mut self, head: &Head) -> Vec<u8> {
-        if head.get("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+        if head
+            .get("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+        {
             self.read_chunked().await
         } else if let Some(len) = head.get("content-length") {
             self.read_exact(len.parse().unwrap()).await
@@ -370,13 +441,21 @@ pub async fn roundtrip(addr: SocketAddr, request: &str) -> (Head, Vec<u8>) {
     let mut conn = Conn::connect(addr).await;
     conn.send(request).await;
     let head = conn.read_head().await;
-    let body = if request.starts_with("HEAD ") { Vec::new() } else { conn.read_body(&head).await };
+    let body = if request.starts_with("HEAD ") {
+        Vec::new()
+    } else {
+        conn.read_body(&head).await
+    };
     (head, body)
 }
 
 /// `GET path` with a Host header, on a new connection.
 pub async fn get(addr: SocketAddr, path: &str) -> (Head, Vec<u8>) {
-    roundtrip(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")).await
+    roundtrip(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,7 +493,9 @@ impl Echo {
         let (seen2, conns2) = (seen.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let conn = conns2.fetch_add(1, Ordering::SeqCst) + 1;
                 let seen = seen2.clone();
                 tokio::spawn(async move {
@@ -425,7 +506,12 @@ impl Echo {
                 });
             }
         });
-        Echo { addr, seen, connections, task }
+        Echo {
+            addr,
+            seen,
+            connections,
+            task,
+        }
     }
 
     pub fn port(&self) -> String {
@@ -460,11 +546,20 @@ async fn echo(
             len += data.len() as u64;
         }
     }
-    let target = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let record = Seen {
         method: parts.method.to_string(),
@@ -490,7 +585,8 @@ async fn echo(
         if !chunked {
             res.headers_mut().insert("content-length", n.into());
         }
-        res.headers_mut().insert("x-body-sha256", Pattern::sha256(n).parse().unwrap());
+        res.headers_mut()
+            .insert("x-body-sha256", Pattern::sha256(n).parse().unwrap());
         return Ok(res);
     }
     let json = serde_json::json!({
@@ -503,9 +599,11 @@ async fn echo(
     let mut res = hyper::Response::new(EchoBody::new(
         http_body_util::Full::new(Bytes::from(json.to_string())).map_err(|e| match e {}),
     ));
-    res.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    res.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     if let Some(id) = parts.headers.get("x-openstack-request-id") {
-        res.headers_mut().insert("x-openstack-request-id", id.clone());
+        res.headers_mut()
+            .insert("x-openstack-request-id", id.clone());
     }
     Ok(res)
 }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# bench/callgrind.sh [REQUESTS] - instructions the shim executes per small request, counted by
+# valgrind's callgrind (repeatable, unlike timings on a shared machine), and the top functions.
+# Needs ab (apache2-utils). Set CALLGRIND_PATH=/large?bytes=N to profile a large transfer instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-20000}
+path=${CALLGRIND_PATH:-/small}
+T=target/release
+tmp=$(mktemp -d)
+trap 'kill $up 2>/dev/null; rm -rf "$tmp"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up_port=$(free_port); shim_port=$(free_port)
+$T/examples/bench-upstream "$up_port" & up=$!
+valgrind --tool=callgrind --callgrind-out-file="$tmp/idle.out" $T/glance-shim --listen "$shim_port" \
+    --upstream "$up_port" --log-file "$tmp/shim.log" 2>"$tmp/vg-idle.err" & vg=$!
+for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
+kill -INT $vg; wait $vg || true
+valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" $T/glance-shim --listen "$shim_port" \
+    --upstream "$up_port" --log-file "$tmp/shim.log" 2>"$tmp/vg.err" & vg=$!
+for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
+ab -q -k -n "$n" -c 16 "http://127.0.0.1:$shim_port$path" | grep -E "Complete requests|Failed requests"
+kill -INT $vg; wait $vg || true
+total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'; }
+idle=$(total "$tmp/idle.out"); all=$(total "$tmp/cg.out")
+echo "instructions per request: $(( (all - idle) / n )) (start-up and shutdown, $idle, subtracted)"
+cp "$tmp/cg.out" /tmp/last-callgrind.out; callgrind_annotate "$tmp/cg.out" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | sed -n 2,16p | cut -c1-160
