@@ -156,26 +156,45 @@ def curl_upload(port, path, nbytes, chunked):
     return float(speed) / 1e6
 
 
-def measure(peer, args, upload_file):
-    port = peer.start()
+def metrics(args, upload_file):
+    """Every figure, as (key, function of port) pairs, in the order they are taken."""
+    out = []
+    for c in args.connections:
+        out.append((f"small_c{c}", lambda port, c=c: wrk(port, c, args.seconds)))
+    out.append(("down_MBps", lambda port: curl_download(port, "/file", args.bytes)))
+    out.append(("up_MBps", lambda port: curl_upload(port, upload_file, args.bytes, chunked=False)))
+    out.append(("chunked_up_MBps", lambda port: curl_upload(port, upload_file, args.bytes, chunked=True)))
+    out.append(("synthetic_down_MBps",
+                lambda port: curl_download(port, f"/synthetic?bytes={args.bytes}", args.bytes)))
+    return out
+
+
+def one_run(peers, args, upload_file, rotate):
+    """Starts every peer, then takes each figure for every peer back to back (so a change in the
+    machine's load affects both sides of a ratio alike), then records peak RSS and stops them."""
+    ports = {p.name: p.start() for p in peers}
     try:
-        r = {}
-        # Warm up connections and caches so the first figure is not an outlier.
-        wrk(port, 16, 1)
-        for c in args.connections:
-            w = wrk(port, c, args.seconds)
-            r[f"rps_c{c}"] = w["rps"]
-            r[f"p50_ms_c{c}"] = w["p50_ms"]
-            r[f"p99_ms_c{c}"] = w["p99_ms"]
-        r["down_MBps"] = curl_download(port, "/file", args.bytes)
-        r["synthetic_down_MBps"] = curl_download(port, f"/synthetic?bytes={args.bytes}", args.bytes)
-        r["up_MBps"] = curl_upload(port, upload_file, args.bytes, chunked=False)
-        r["chunked_up_MBps"] = curl_upload(port, upload_file, args.bytes, chunked=True)
-        pid = peer.pid()
-        r["peak_rss_MiB"] = peak_rss_mib(pid) if pid else None
-        return r
+        for p in peers:
+            wrk(ports[p.name], 16, 1)  # warm up connections and caches
+        order = peers[rotate % len(peers):] + peers[: rotate % len(peers)]
+        result = {p.name: {} for p in peers}
+        for key, take in metrics(args, upload_file):
+            for p in order:
+                value = take(ports[p.name])
+                if isinstance(value, dict):
+                    c = key.split("_c")[1]
+                    result[p.name][f"rps_c{c}"] = value["rps"]
+                    result[p.name][f"p50_ms_c{c}"] = value["p50_ms"]
+                    result[p.name][f"p99_ms_c{c}"] = value["p99_ms"]
+                else:
+                    result[p.name][key] = value
+        for p in peers:
+            pid = p.pid()
+            result[p.name]["peak_rss_MiB"] = peak_rss_mib(pid) if pid else None
+        return result
     finally:
-        peer.stop()
+        for p in peers:
+            p.stop()
 
 
 def main():
@@ -211,11 +230,9 @@ def main():
         peers = [Direct(upstream_port, workdir), GlanceShim(upstream_port, workdir, args.shim)]
         runs = {p.name: [] for p in peers}
         for i in range(args.runs):
-            # Interleave, and rotate the order so no peer always runs first (or last) in a round.
-            order = peers[i % len(peers):] + peers[: i % len(peers)]
-            for peer in order:
-                print(f"run {i + 1}/{args.runs}: {peer.name} ...", file=sys.stderr, flush=True)
-                runs[peer.name].append(measure(peer, args, upload_file))
+            print(f"run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
+            for name, r in one_run(peers, args, upload_file, i).items():
+                runs[name].append(r)
     finally:
         upstream.kill()
         upstream.wait()
@@ -224,12 +241,13 @@ def main():
     keys = list(runs["no proxy"][0].keys())
     med = {name: {k: (statistics.median([r[k] for r in rs]) if rs[0][k] is not None else None)
                   for k in keys} for name, rs in runs.items()}
-    base = med["no proxy"]
 
     def ratio(name, k):
-        if med[name][k] is None or not base[k]:
+        """Median over runs of the ratio taken within each run."""
+        pairs = [(r[k], d[k]) for r, d in zip(runs[name], runs["no proxy"])]
+        if any(a is None or not b for a, b in pairs):
             return None
-        return med[name][k] / base[k]
+        return statistics.median(a / b for a, b in pairs)
 
     cols = [(f"rps_c{c}", f"GET c{c}") for c in args.connections] + \
            [(f"p99_ms_c{args.connections[0]}", f"p99 c{args.connections[0]}"),

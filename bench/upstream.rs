@@ -3,8 +3,8 @@
 //!
 //! `BENCH_FILE=F bench-upstream PORT`:
 //! - `GET /small`: an image-show sized JSON body;
-//! - `GET /file`: the file F, read in 256 KiB chunks and sent as read, the way glance's filesystem
-//!   store serves image data (and any origin server that does not use sendfile);
+//! - `GET /file`: the file F, read in 64 KiB chunks on the serving thread and sent as read, the way
+//!   glance's filesystem store serves image data (`filesystem_store_chunk_size`);
 //! - `GET /synthetic?bytes=N`: N bytes written from one cached buffer, an upstream that costs nothing
 //!   per byte (an upper bound no real glance comes near);
 //! - `PUT|POST /upload`: reads the body, answers `{"bytes": N}`.
@@ -68,34 +68,20 @@ async fn serve(req: Request<Incoming>, block: Bytes) -> Result<Response<Out>, In
         return Ok(res);
     }
     if path == "/file" {
-        // Like glance's filesystem store: read the image file chunk by chunk and send each chunk.
-        let Ok(file) = std::env::var("BENCH_FILE") else {
+        let Some(file) = std::env::var("BENCH_FILE")
+            .ok()
+            .and_then(|f| std::fs::File::open(f).ok())
+        else {
             let mut res =
                 Response::new(Full::new(Bytes::from_static(b"BENCH_FILE is not set\n")).boxed());
             *res.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
             return Ok(res);
         };
-        let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-        std::thread::spawn(move || {
-            use std::io::Read;
-            let Ok(mut f) = std::fs::File::open(file) else {
-                return;
-            };
-            loop {
-                let mut buf = vec![0u8; 256 << 10];
-                let n = f.read(&mut buf).unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                if tx.blocking_send(Bytes::from(buf)).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut res = Response::new(ChanBody(rx).boxed());
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut res = Response::new(FileBody { file }.boxed());
         res.headers_mut().insert("content-length", len.into());
+        res.headers_mut()
+            .insert("content-type", "application/octet-stream".parse().unwrap());
         return Ok(res);
     }
     if path == "/upload" {
@@ -115,16 +101,28 @@ async fn serve(req: Request<Incoming>, block: Bytes) -> Result<Response<Out>, In
     Ok(res)
 }
 
-struct ChanBody(tokio::sync::mpsc::Receiver<Bytes>);
+/// glance's filesystem store: read a 64 KiB chunk (`filesystem_store_chunk_size`), send it, read the
+/// next, all on the thread that serves the request.
+struct FileBody {
+    file: std::fs::File,
+}
 
-impl Body for ChanBody {
+impl Body for FileBody {
     type Data = Bytes;
     type Error = Infallible;
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        use std::io::Read;
+        let mut buf = vec![0u8; 64 << 10];
+        match self.file.read(&mut buf) {
+            Ok(0) | Err(_) => Poll::Ready(None),
+            Ok(n) => {
+                buf.truncate(n);
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+            }
+        }
     }
 }
 

@@ -265,7 +265,7 @@ impl Text<'_, '_> {
 impl Visit for Text<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.key(field)
-            && (value.is_empty() || value.bytes().any(|b| b == b' ' || b == b'"' || b < 0x20))
+            && (value.is_empty() || any_byte(value.as_bytes(), |b| b <= b' ' || b == b'"'))
         {
             self.0.put_fmt(format_args!("{value:?}"));
         } else {
@@ -446,9 +446,44 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// True when some byte of `bytes` satisfies `special`, which must hold for no byte of 0x21..=0x7e
+/// other than `"` and `\\`. Eight bytes at a time: log values are ids and paths that need no quoting or
+/// escaping, and this check runs for every field of every line.
+fn any_byte(bytes: &[u8], special: impl Fn(u8) -> bool) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte of `x` equal to `b` makes the corresponding byte of the result have its top bit set.
+    let eq = |x: u64, b: u8| {
+        let y = x ^ (ONES * u64::from(b));
+        y.wrapping_sub(ONES) & !y & HIGH
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        // Some byte below 0x21 (control or space), 0x7f and above, a quote or a backslash: look
+        // closer. Plain printable ASCII, the usual case, passes on these tests alone.
+        let low = x.wrapping_sub(ONES * 0x21) & !x & HIGH;
+        let high = (x.wrapping_add(ONES) | x) & HIGH;
+        if (low | high | eq(x, b'"') | eq(x, b'\\')) != 0 && chunk.iter().any(|&b| special(b)) {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&b| special(b))
+}
+
+fn json_special(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f
+}
+
 /// Writes `s` as a JSON string literal (RFC 8259 escaping).
 pub fn json_str(out: &mut dyn fmt::Write, s: &str) -> fmt::Result {
     out.write_char('"')?;
+    if !any_byte(s.as_bytes(), json_special) {
+        out.write_str(s)?;
+        return out.write_char('"');
+    }
     let mut start = 0;
     for (i, b) in s.bytes().enumerate() {
         let escape = match b {
@@ -500,6 +535,33 @@ mod tests {
         }
         for v in [0u64, 7, 10, 1234567890, u64::MAX] {
             assert_eq!(Digits::default().u64(v), v.to_string());
+        }
+    }
+
+    #[test]
+    fn byte_scan_matches_the_plain_loop() {
+        let text = |b: u8| b <= b' ' || b == b'"';
+        let samples: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"req-0f8a6b2c-1d3e-4f5a-8b7c-9d0e1f2a3b4c".to_vec(),
+            b"/v2/images?limit=20&sort_key=name".to_vec(),
+            b"/v2/images/abc def".to_vec(),
+            b"quote\"here-and-more-bytes".to_vec(),
+            b"back\\slash/long/enough/path".to_vec(),
+            "caf\u{e9}-t\u{e9}l\u{e9}phone-xxxxxxxx".as_bytes().to_vec(),
+            b"tab\there-xxxxxxxxxxxxxxxx".to_vec(),
+            b"del\x7f-xxxxxxxxxxxxxxxxxxx".to_vec(),
+        ];
+        for s in &samples {
+            for start in 0..s.len().min(9) {
+                let s = &s[start..];
+                assert_eq!(any_byte(s, text), s.iter().any(|&b| text(b)), "{s:?}");
+                assert_eq!(
+                    any_byte(s, json_special),
+                    s.iter().any(|&b| json_special(b)),
+                    "{s:?}"
+                );
+            }
         }
     }
 
