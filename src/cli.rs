@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{Config, HostPort, LogFormat, Upstream, parse_duration};
+use crate::config::{Config, HostPort, LogFormat, Scheme, TlsFiles, Upstream, parse_duration};
+use crate::uwsgi;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -18,6 +19,8 @@ Examples:
   # Take uWSGI's place on the port DevStack's Apache already proxies /image to, with the debug
   # glance-api on its default 9292: nothing in Apache, uWSGI or glance-api.conf is edited:
   glance-shim --listen 60999 --upstream 9292
+  # The same, with the port read from /etc/glance/glance-uwsgi.ini and the upstream 9292:
+  glance-shim --takeover
 
 Every flag can also be set through the environment variable named in its description.
 Log filtering follows RUST_LOG (default: info), e.g. RUST_LOG=glance_shim=debug.";
@@ -30,12 +33,53 @@ Log filtering follows RUST_LOG (default: info), e.g. RUST_LOG=glance_shim=debug.
 #[command(name = "glance-shim", version, about, long_about = None, after_help = EXAMPLES)]
 pub struct Args {
     /// Where to accept connections: PORT (127.0.0.1:PORT), HOST:PORT or [IPv6]:PORT.
-    #[arg(long, env = "GLANCE_SHIM_LISTEN", value_name = "ADDR", value_parser = parse_listen)]
-    pub listen: HostPort,
+    #[arg(long, env = "GLANCE_SHIM_LISTEN", value_name = "ADDR", value_parser = parse_listen,
+          required_unless_present = "takeover", conflicts_with = "takeover")]
+    pub listen: Option<HostPort>,
 
-    /// The glance-api to forward to: PORT, HOST:PORT, [IPv6]:PORT or http://HOST:PORT.
-    #[arg(long, env = "GLANCE_SHIM_UPSTREAM", value_name = "ADDR", value_parser = Upstream::parse)]
-    pub upstream: Upstream,
+    /// Listen where DevStack's uWSGI for glance-api does: the http-socket address in this INI file
+    /// (default /etc/glance/glance-uwsgi.ini). --upstream then defaults to 9292.
+    #[arg(long, env = "GLANCE_SHIM_TAKEOVER", value_name = "UWSGI_INI", num_args = 0..=1,
+          default_missing_value = uwsgi::DEVSTACK_INI)]
+    pub takeover: Option<PathBuf>,
+
+    /// The glance-api to forward to: PORT, HOST:PORT, [IPv6]:PORT, http://HOST:PORT or
+    /// https://HOST:PORT.
+    #[arg(long, env = "GLANCE_SHIM_UPSTREAM", value_name = "ADDR", value_parser = Upstream::parse,
+          required_unless_present = "takeover")]
+    pub upstream: Option<Upstream>,
+
+    /// Serve TLS with this PEM certificate chain (with --tls-key).
+    #[arg(
+        long,
+        env = "GLANCE_SHIM_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key (PKCS#8, RSA or EC) of --tls-cert.
+    #[arg(
+        long,
+        env = "GLANCE_SHIM_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// With an https upstream: also trust certificates signed by this PEM CA (DevStack's
+    /// tls-proxy keeps its CA in /opt/stack/data/ca-bundle.pem).
+    #[arg(
+        long,
+        env = "GLANCE_SHIM_UPSTREAM_CA",
+        value_name = "PEM",
+        conflicts_with = "upstream_insecure"
+    )]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// With an https upstream: accept any certificate it presents. Only for throwaway setups.
+    #[arg(long, env = "GLANCE_SHIM_UPSTREAM_INSECURE")]
+    pub upstream_insecure: bool,
 
     /// Log a notice when nothing has moved between the shim and the upstream for this long (the
     /// upstream is probably paused at a breakpoint), repeated at growing intervals; 0 turns it off.
@@ -93,9 +137,29 @@ fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
 impl Args {
     /// Validates what single flags cannot and builds the configuration.
     pub fn into_config(self) -> Result<Config, String> {
+        let listen = match (self.listen, &self.takeover) {
+            (Some(listen), _) => listen,
+            (None, Some(ini)) => uwsgi::http_address(ini).map_err(|e| format!("--takeover {e}"))?,
+            (None, None) => return Err("--listen or --takeover is needed".into()),
+        };
+        let upstream = match self.upstream {
+            Some(upstream) => upstream,
+            // glance-api's own default bind_port: where a debug glance listens unless told otherwise.
+            None => Upstream::parse("9292")?,
+        };
+        if upstream.scheme == Scheme::Http && (self.upstream_ca.is_some() || self.upstream_insecure)
+        {
+            return Err(format!(
+                "--upstream-ca and --upstream-insecure apply to an https upstream; --upstream is {upstream}"
+            ));
+        }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
         let config = Config {
-            listen: self.listen,
-            upstream: self.upstream,
+            listen,
+            upstream,
             stall_after: Some(self.stall_after).filter(|d| !d.is_zero()),
             upstream_timeout: self.upstream_timeout,
             wait_upstream: self.wait_upstream.filter(|d| !d.is_zero()),
@@ -103,6 +167,10 @@ impl Args {
             log_headers: self.log_headers,
             log_format: self.log_format,
             log_file: self.log_file,
+            tls,
+            upstream_ca: self.upstream_ca,
+            upstream_insecure: self.upstream_insecure,
+            takeover: self.takeover,
         };
         config.validate()?;
         Ok(config)
@@ -306,6 +374,95 @@ mod tests {
     fn a_loop_is_refused() {
         let line = usage(&["--listen", "9292", "--upstream", "http://127.0.0.1:9292"]);
         assert!(line.contains("loop") && line.contains("--listen"), "{line}");
+    }
+
+    #[test]
+    fn takeover_reads_the_port_from_devstacks_uwsgi_ini() {
+        let ini = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/glance-uwsgi.ini");
+        let c = config(&["--takeover", ini]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:60999");
+        assert_eq!(
+            c.upstream.to_string(),
+            "http://127.0.0.1:9292",
+            "glance's default port, nothing typed"
+        );
+        assert_eq!(c.takeover.as_deref(), Some(std::path::Path::new(ini)));
+        let c = config(&["--takeover", ini, "--upstream", "19292"]);
+        assert_eq!(c.upstream.addr.port, 19292);
+
+        let line = usage(&["--takeover", "/nonexistent/glance-uwsgi.ini"]);
+        assert!(
+            line.contains("--takeover /nonexistent/glance-uwsgi.ini") && line.contains("--listen"),
+            "{line}"
+        );
+        let line = usage(&["--takeover", ini, "--listen", "1"]);
+        assert!(
+            line.contains("--takeover") && line.contains("--listen"),
+            "{line}"
+        );
+        let no_socket = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/glance-uwsgi-no-http-socket.ini"
+        );
+        let line = usage(&["--takeover", no_socket]);
+        assert!(line.contains("no http-socket"), "{line}");
+        // The DevStack path is the default; on this machine it usually does not exist.
+        if !std::path::Path::new(uwsgi::DEVSTACK_INI).exists() {
+            let line = usage(&["--takeover"]);
+            assert!(line.contains(uwsgi::DEVSTACK_INI), "{line}");
+        }
+    }
+
+    #[test]
+    fn tls_flags() {
+        let c = config(&[
+            "--listen",
+            "9292",
+            "--upstream",
+            "https://glance.example:19292",
+            "--upstream-ca",
+            "/ca.pem",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+        ]);
+        assert_eq!(c.upstream.scheme, Scheme::Https);
+        assert_eq!(
+            c.upstream_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(
+            c.tls,
+            Some(TlsFiles {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+        let line = usage(&[
+            "--listen",
+            "9292",
+            "--upstream",
+            "1",
+            "--tls-cert",
+            "/c.pem",
+        ]);
+        assert!(line.contains("--tls-key"), "{line}");
+        let line = usage(&["--listen", "9292", "--upstream", "1", "--upstream-insecure"]);
+        assert!(line.contains("https upstream"), "{line}");
+        let line = usage(&[
+            "--listen",
+            "9292",
+            "--upstream",
+            "https://h:1",
+            "--upstream-insecure",
+            "--upstream-ca",
+            "/x",
+        ]);
+        assert!(
+            line.contains("--upstream-insecure") && line.contains("--upstream-ca"),
+            "{line}"
+        );
     }
 
     #[test]

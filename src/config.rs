@@ -121,12 +121,14 @@ fn parse_port(port: &str) -> Result<u16, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
     Http,
+    Https,
 }
 
 impl Scheme {
     pub fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",
+            Scheme::Https => "https",
         }
     }
 }
@@ -139,23 +141,19 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Parses what `--listen` takes, or `http://host:port` (an optional trailing `/` only: the shim
-    /// never rewrites paths, so a base path would be silently ignored and is refused instead).
+    /// Parses what `--listen` takes, or `http://host:port` / `https://host:port` (an optional trailing
+    /// `/` only: the shim never rewrites paths, so a base path would be silently ignored and is
+    /// refused instead).
     pub fn parse(s: &str) -> Result<Upstream, String> {
         let s = s.trim();
         let (scheme, rest) = match s.split_once("://") {
             None => (Scheme::Http, s),
             Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
                 "http" => (Scheme::Http, rest),
-                "https" => {
-                    return Err(
-                        "https upstreams are not supported by this build; use http://HOST:PORT"
-                            .into(),
-                    );
-                }
+                "https" => (Scheme::Https, rest),
                 other => {
                     return Err(format!(
-                        "unsupported scheme '{other}'; use http://HOST:PORT"
+                        "unsupported scheme '{other}'; use http://HOST:PORT or https://HOST:PORT"
                     ));
                 }
             },
@@ -163,14 +161,17 @@ impl Upstream {
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains('/') || authority.contains('?') || authority.contains('#') {
             return Err(format!(
-                "'{s}' has a path; glance-shim forwards paths untouched, so give only http://HOST:PORT"
+                "'{s}' has a path; glance-shim forwards paths untouched, so give only SCHEME://HOST:PORT"
             ));
         }
         if authority.contains('@') {
             return Err("credentials in the upstream URL are not supported".into());
         }
         if s.contains("://") && !authority.contains(':') {
-            return Err(format!("'{s}' has no port; write it as http://HOST:PORT"));
+            return Err(format!(
+                "'{s}' has no port; write it as {}://HOST:PORT",
+                scheme.as_str()
+            ));
         }
         let addr = HostPort::parse(authority, false)?;
         Ok(Upstream { scheme, addr })
@@ -237,6 +238,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// The listening side's certificate chain and key (PEM files).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Everything the running shim needs to know, already validated.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -257,6 +265,14 @@ pub struct Config {
     pub log_headers: bool,
     pub log_format: LogFormat,
     pub log_file: Option<PathBuf>,
+    /// Serve TLS with these files.
+    pub tls: Option<TlsFiles>,
+    /// A private CA the upstream's certificate may chain to (besides the system's roots).
+    pub upstream_ca: Option<PathBuf>,
+    /// Accept any upstream certificate.
+    pub upstream_insecure: bool,
+    /// The uWSGI INI `--listen` was read from (`--takeover`), for the log.
+    pub takeover: Option<PathBuf>,
 }
 
 impl Config {
@@ -272,6 +288,10 @@ impl Config {
             log_headers: false,
             log_format: LogFormat::Text,
             log_file: None,
+            tls: None,
+            upstream_ca: None,
+            upstream_insecure: false,
+            takeover: None,
         }
     }
 

@@ -61,6 +61,11 @@ impl ProxyError {
                      debugger) and retry; glance-shim --wait-upstream 30s holds requests while it restarts."
                 )
             }
+            ProxyError::Unreachable(ConnectError::Tls { message, untrusted: true, .. }) => format!(
+                "glance-shim could not reach the upstream glance-api at {upstream}: {message}. Give \
+                 glance-shim the CA that signed it with --upstream-ca (DevStack's tls-proxy keeps it in \
+                 /opt/stack/data/ca-bundle.pem), or --upstream-insecure for a throwaway setup."
+            ),
             ProxyError::Unreachable(e) => format!(
                 "glance-shim could not reach the upstream glance-api at {upstream}: {e}. Check that \
                  --upstream names the address the debug glance-api listens on."

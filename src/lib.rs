@@ -15,6 +15,10 @@
 //! - [`upstream`] — the connector (with `--wait-upstream`), outage logging, the pooled client.
 //! - [`error`] — the shim's own answers (502, 504, ...) as OpenStack-style JSON.
 //! - [`signals`] — SIGTERM/SIGINT/SIGUSR1.
+//! - [`tls`] — PEM files to rustls configurations, for both sides.
+//! - [`uwsgi`] — the address in DevStack's glance-uwsgi.ini, for `--takeover`.
+//! - [`tls`] — PEM files to rustls configurations, for both sides.
+//! - [`uwsgi`] — the address in DevStack's glance-uwsgi.ini, for `--takeover`.
 
 pub mod body;
 pub mod cli;
@@ -27,4 +31,6 @@ pub mod logging;
 pub mod proxy;
 pub mod server;
 pub mod signals;
+pub mod tls;
 pub mod upstream;
+pub mod uwsgi;

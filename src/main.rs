@@ -50,7 +50,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let server = server::Server::new(listener, config);
+        let server = match server::Server::new(listener, config) {
+            Ok(s) => s,
+            Err(msg) => {
+                eprintln!("glance-shim: {msg}");
+                return ExitCode::from(2);
+            }
+        };
         signals::spawn_table_on_usr1(server.registry());
         server.run(signals::shutdown_requested()).await;
         ExitCode::SUCCESS

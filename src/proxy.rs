@@ -63,7 +63,11 @@ impl Proxy {
             pool,
             registry,
             upstream_display: config.upstream.addr.to_string(),
-            client_proto: "http",
+            client_proto: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             log_headers: config.log_headers,
             upstream_timeout: config.upstream_timeout,
         }

@@ -1,22 +1,28 @@
 //! Accepting and serving client connections: binding, the accept loop (which backs off instead of
-//! dying), HTTP/1.1 serving with hyper, and the bounded graceful drain on shutdown.
+//! dying), the optional TLS handshake, HTTP/1.1 serving with hyper, and the bounded graceful drain on
+//! shutdown.
 //!
 //! What happens to each request is `proxy`'s business; this module only hands requests to it.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Scheme};
 use crate::inflight::{self, Registry};
 use crate::proxy::{Client, Proxy};
 use crate::upstream::{Connector, Health, Pool};
@@ -26,7 +32,12 @@ pub struct Server {
     listener: TcpListener,
     proxy: Arc<Proxy>,
     config: Arc<Config>,
+    /// Set when clients must speak TLS (`--tls-cert`/`--tls-key`).
+    tls: Option<TlsAcceptor>,
 }
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds `config.listen` (backlog 1024, so a burst of connections is queued rather than refused).
 pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
@@ -51,17 +62,36 @@ pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
 }
 
 impl Server {
-    /// Builds the shim around an already bound listener (tests bind 127.0.0.1:0).
-    pub fn new(listener: TcpListener, config: Config) -> Server {
+    /// Builds the shim around an already bound listener (tests bind 127.0.0.1:0). Fails, with a line
+    /// naming the flag and file, when a TLS file cannot be used.
+    pub fn new(listener: TcpListener, config: Config) -> Result<Server, String> {
+        let tls = match &config.tls {
+            Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(
+                &files.cert,
+                &files.key,
+            )?)),
+            None => None,
+        };
+        let upstream_tls = match config.upstream.scheme {
+            Scheme::Http => None,
+            Scheme::Https if config.upstream_insecure => {
+                Some(crate::tls::client_config(crate::tls::Trust::Insecure)?)
+            }
+            Scheme::Https => Some(crate::tls::client_config(crate::tls::Trust::Verify {
+                extra_ca: config.upstream_ca.as_deref(),
+            })?),
+        };
         let health = Arc::new(Health::default());
-        let connector = Connector::new(&config.upstream, config.wait_upstream, health);
+        let connector =
+            Connector::new(&config.upstream, config.wait_upstream, health, upstream_tls)?;
         let registry = Arc::new(Registry::default());
         let proxy = Proxy::new(&config, Pool::new(connector), registry);
-        Server {
+        Ok(Server {
             listener,
             proxy: Arc::new(proxy),
             config: Arc::new(config),
-        }
+            tls,
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -80,6 +110,7 @@ impl Server {
             listener,
             proxy,
             config,
+            tls,
         } = self;
         let local = listener
             .local_addr()
@@ -88,8 +119,17 @@ impl Server {
         info!(
             listen = %local,
             upstream = %config.upstream,
+            tls = tls.is_some(),
+            takeover = config.takeover.as_ref().map(|p| p.display().to_string()),
             "listening"
         );
+        if config.upstream_insecure {
+            warn!(
+                "--upstream-insecure: the upstream's TLS certificate is not checked; anyone who can \
+                 answer on {} sees every request and token",
+                config.upstream.addr
+            );
+        }
         if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
             warn!(
                 listen = %local,
@@ -108,6 +148,7 @@ impl Server {
             .auto_date_header(false)
             .keep_alive(true);
         let graceful = GracefulShutdown::new();
+        let handshake_failures = Arc::new(RateLimited::default());
 
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(5);
@@ -136,9 +177,19 @@ impl Server {
                 let (proxy, client) = (proxy.clone(), client.clone());
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(client, req).await) }
             });
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
+            let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
+            let handshake_failures = handshake_failures.clone();
             tokio::spawn(async move {
+                let io = match tls {
+                    None => ClientStream::Plain(stream),
+                    Some(acceptor) => {
+                        match accept_tls(acceptor, stream, peer, &handshake_failures).await {
+                            Some(tls) => ClientStream::Tls(Box::new(tls)),
+                            None => return,
+                        }
+                    }
+                };
+                let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
                 if let Err(e) = conn.await {
                     debug!(client = %peer, error = %crate::body::error_chain(&e), "connection ended with an error");
                 }
@@ -160,6 +211,142 @@ impl Server {
             warn!("drain time (--drain) is over; exiting with {table}");
         } else {
             info!("all connections closed; exiting");
+        }
+    }
+}
+
+/// A client connection, plain or TLS.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(s) => s.is_write_vectored(),
+            ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The TLS handshake with a client. A client that speaks plain HTTP to the TLS port gets a plain
+/// HTTP 400 that says so; any failure is logged through `failures` and ends the connection.
+async fn accept_tls(
+    acceptor: TlsAcceptor,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    failures: &RateLimited,
+) -> Option<TlsStream<TcpStream>> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return None, // closed, failed or silent: nothing to answer
+    }
+    // Every TLS connection starts with a handshake record (content type 22).
+    if first[0] != 0x16 {
+        failures.warn(peer, "plain HTTP sent to the TLS port");
+        if first[0].is_ascii_alphabetic() {
+            let body = br#"{"message": "this port of glance-shim speaks TLS: use https://", "code": 400, "title": "Bad Request"}"#;
+            let head = format!(
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body).await;
+            let _ = stream.shutdown().await;
+        }
+        return None;
+    }
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            failures.warn(peer, &format!("TLS handshake failed: {e}"));
+            None
+        }
+        Err(_) => {
+            failures.warn(peer, "TLS handshake not completed within 10 s");
+            None
+        }
+    }
+}
+
+/// A warning that is logged at once, then at most every ten seconds with a count of the ones it
+/// held back, so a flood cannot fill the log.
+#[derive(Debug, Default)]
+pub struct RateLimited {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimited {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub fn warn(&self, peer: SocketAddr, what: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if state
+            .0
+            .is_some_and(|last| now.duration_since(last) < Self::EVERY)
+        {
+            state.1 += 1;
+            return;
+        }
+        let held_back = std::mem::take(&mut state.1);
+        state.0 = Some(now);
+        drop(state);
+        if held_back > 0 {
+            warn!(client = %peer, held_back, "{what} ({held_back} more like it in the last 10 s not logged)");
+        } else {
+            warn!(client = %peer, "{what}");
         }
     }
 }

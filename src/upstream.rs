@@ -37,6 +37,12 @@ pub enum ConnectError {
     Resolve { addr: String, reason: String },
     /// Any other connect failure.
     Io { addr: String, reason: String },
+    /// The TLS handshake with an https upstream failed; `untrusted` when its certificate was refused.
+    Tls {
+        addr: String,
+        message: String,
+        untrusted: bool,
+    },
 }
 
 impl std::fmt::Display for ConnectError {
@@ -60,6 +66,7 @@ impl std::fmt::Display for ConnectError {
             ),
             ConnectError::Resolve { addr, reason } => write!(f, "cannot resolve {addr}: {reason}"),
             ConnectError::Io { addr, reason } => write!(f, "cannot connect to {addr}: {reason}"),
+            ConnectError::Tls { message, .. } => f.write_str(message),
         }
     }
 }
@@ -108,7 +115,6 @@ pub struct Connector {
     inner: Arc<ConnectorInner>,
 }
 
-#[derive(Debug)]
 struct ConnectorInner {
     addr: HostPort,
     /// `addr` as text, for messages.
@@ -117,23 +123,52 @@ struct ConnectorInner {
     fixed: Option<SocketAddr>,
     wait: Option<Duration>,
     health: Arc<Health>,
+    /// For an https upstream: the client configuration and the name its certificate must carry.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 impl Connector {
-    pub fn new(upstream: &Upstream, wait: Option<Duration>, health: Arc<Health>) -> Connector {
+    /// `tls` is the client configuration for an https upstream (see `tls::client_config`).
+    pub fn new(
+        upstream: &Upstream,
+        wait: Option<Duration>,
+        health: Arc<Health>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Connector, String> {
         let fixed = match &upstream.addr.host {
             crate::config::Host::Ip(ip) => Some(SocketAddr::new(*ip, upstream.addr.port)),
             crate::config::Host::Name(_) => None,
         };
-        Connector {
+        let tls = match tls {
+            Some(config) => Some((
+                tokio_rustls::TlsConnector::from(config),
+                crate::tls::server_name(&upstream.addr.host)?,
+            )),
+            None => None,
+        };
+        Ok(Connector {
             inner: Arc::new(ConnectorInner {
                 addr: upstream.addr.clone(),
                 display: upstream.addr.to_string(),
                 fixed,
                 wait,
                 health,
+                tls,
             }),
-        }
+        })
+    }
+}
+
+impl std::fmt::Debug for ConnectorInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorInner")
+            .field("addr", &self.display)
+            .field("wait", &self.wait)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -287,17 +322,48 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<Sender, UpstreamError> {
-        let stream = self
-            .connector
-            .inner
-            .connect()
+        let inner = &self.connector.inner;
+        let stream = inner.connect().await.map_err(UpstreamError::Connect)?;
+        let Some((tls, name)) = &inner.tls else {
+            return self.handshake(TokioIo::new(stream)).await;
+        };
+        let failed = |message: String, untrusted: bool| {
+            UpstreamError::Connect(ConnectError::Tls {
+                addr: inner.display.clone(),
+                message,
+                untrusted,
+            })
+        };
+        let name_text = match name {
+            rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_owned(),
+            rustls::pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+            other => format!("{other:?}"),
+        };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name.clone(), stream))
             .await
-            .map_err(UpstreamError::Connect)?;
-        let (sender, conn) = self
-            .http
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Http)?;
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                let (untrusted, message) = crate::tls::describe_upstream_failure(&e, &name_text);
+                return Err(failed(message, untrusted));
+            }
+            Err(_) => {
+                let message = format!(
+                    "the TLS handshake with the upstream ({name_text}) did not finish within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                );
+                return Err(failed(message, false));
+            }
+        };
+        self.handshake(TokioIo::new(stream)).await
+    }
+
+    /// HTTP/1.1 over an open connection; the connection's task runs until it closes.
+    async fn handshake<I>(&self, io: I) -> Result<Sender, UpstreamError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (sender, conn) = self.http.handshake(io).await.map_err(UpstreamError::Http)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "upstream connection ended with an error");

@@ -487,6 +487,18 @@ impl Echo {
     }
 
     pub fn start_on(listener: TcpListener) -> Echo {
+        Echo::serve(listener, None)
+    }
+
+    /// The same, speaking TLS with this server configuration.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Echo {
+        Echo::serve(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            Some(tokio_rustls::TlsAcceptor::from(config)),
+        )
+    }
+
+    fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Echo {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -498,11 +510,23 @@ impl Echo {
                 };
                 let conn = conns2.fetch_add(1, Ordering::SeqCst) + 1;
                 let seen = seen2.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| echo(req, conn, seen.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await
+                        }
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => {
+                                http.serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
@@ -691,4 +715,134 @@ impl hyper::body::Body for PatternBody {
         self.left -= take as u64;
         std::task::Poll::Ready(Some(Ok(Frame::data(block))))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates made at test time
+
+/// A test CA that signs leaf certificates, with its certificate written to a PEM file.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub pem: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+/// A fresh directory for one test's files.
+pub fn tempdir(tag: &str) -> std::path::PathBuf {
+    use std::hash::{BuildHasher, RandomState};
+    let dir = std::env::temp_dir().join(format!(
+        "glance-shim-{tag}-{}-{:x}",
+        std::process::id(),
+        RandomState::new().hash_one(std::time::Instant::now())
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let dir = tempdir("pki");
+        let pem = dir.join(format!("{name}.pem").replace(' ', "-"));
+        std::fs::write(&pem, issuer.pem()).unwrap();
+        TestCa { issuer, pem, dir }
+    }
+
+    /// A certificate for localhost and 127.0.0.1, and its key, as PEM files; `expired` makes one
+    /// that ran out in 2001.
+    pub fn leaf(&self, expired: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let n = std::fs::read_dir(&self.dir).unwrap().count();
+        let (c, k) = (
+            self.dir.join(format!("cert{n}.pem")),
+            self.dir.join(format!("key{n}.pem")),
+        );
+        std::fs::write(&c, format!("{}{}", cert.pem(), self.issuer.pem())).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// A server configuration presenting a leaf of this CA.
+    pub fn server_config(&self, expired: bool) -> Arc<rustls::ServerConfig> {
+        let (c, k) = self.leaf(expired);
+        glance_shim::tls::server_config(&c, &k).unwrap()
+    }
+
+    /// A client configuration trusting only this CA, limited to `versions`.
+    pub fn client_config(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// One request over TLS on a new connection (the request must ask for `Connection: close`); returns
+/// the negotiated protocol version and ALPN, the response head and its body.
+pub async fn tls_roundtrip(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    request: &str,
+) -> std::io::Result<(
+    Option<rustls::ProtocolVersion>,
+    Option<Vec<u8>>,
+    Head,
+    Vec<u8>,
+)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    let (_, session) = tls.get_ref();
+    let version = session.protocol_version();
+    let alpn = session.alpn_protocol().map(|p| p.to_vec());
+    tls.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw).await?;
+    let end = find(&raw, b"\r\n\r\n").expect("a response head");
+    let text = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = text.split("\r\n");
+    let start = lines.next().unwrap().to_owned();
+    let fields = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap_or((l, ""));
+            (k.to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let body = raw[end + 4..].to_vec();
+    Ok((
+        version,
+        alpn,
+        Head {
+            start,
+            fields,
+            raw: raw[..end + 4].to_vec(),
+        },
+        body,
+    ))
 }
