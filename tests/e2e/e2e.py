@@ -25,8 +25,8 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (CLEAN_ENV, SHIM, Apache, Glance, Shim, Stack, free_port, http_status,  # noqa: E402
-                     venv, wait_until)
+from harness import (CLEAN_ENV, SHIM, Apache, Glance, Shim, Stack, apache_snippet, free_port,  # noqa: E402
+                     venv)
 
 MIB = int(os.environ.get("E2E_MIB", "50"))
 BIG_GIB = float(os.environ.get("E2E_BIG_GIB", "2"))
@@ -80,9 +80,12 @@ def make_payload(path, mib):
 class Client:
     """python-glanceclient, python-openstackclient and curl against one image endpoint."""
 
-    def __init__(self, gen, url, tmp):
+    def __init__(self, gen, url, tmp, cacert=None):
         self.gen, self.url, self.tmp = gen, url.rstrip("/"), tmp
         self.bin = os.path.join(venv(gen), "bin")
+        # https endpoints: the CA every client is told to trust.
+        self.tls = ["--os-cacert", cacert] if cacert else []
+        self.curl_tls = ["--cacert", cacert] if cacert else []
 
     def run(self, cmd, stdin=subprocess.DEVNULL, check_rc=True, timeout=600):
         p = subprocess.run(cmd, env=CLEAN_ENV, stdin=stdin, capture_output=True, timeout=timeout)
@@ -94,18 +97,18 @@ class Client:
     def glance(self, *args, stdin=subprocess.DEVNULL, check_rc=True):
         # The token is never checked (the fake auth filter); glanceclient just needs one.
         return self.run([os.path.join(self.bin, "glance"), "--os-image-url", self.url,
-                         "--os-auth-token", "e2e-token", *args], stdin=stdin, check_rc=check_rc)
+                         "--os-auth-token", "e2e-token", *self.tls, *args], stdin=stdin, check_rc=check_rc)
 
     def osc(self, *args):
         return self.run([os.path.join(self.bin, "openstack"), "--os-auth-type", "none",
-                         "--os-endpoint", self.url, *args])
+                         "--os-endpoint", self.url, *self.tls, *args])
 
     def curl(self, method, path, *args, body_to=None):
         """-> (status, {lower-case header: value}, body bytes)."""
         out = body_to or os.path.join(self.tmp, "curl.body")
         headers = os.path.join(self.tmp, "curl.headers")
         self.run(["curl", "-sS", "-X", method, "-D", headers, "-o", out, "--max-time", "600",
-                  "-H", "X-Auth-Token: e2e-token", *args, self.url + path])
+                  "-H", "X-Auth-Token: e2e-token", *self.curl_tls, *args, self.url + path])
         with open(headers, "rb") as f:
             blocks = f.read().decode("latin-1").split("\r\n\r\n")
         final = [b for b in blocks if b.startswith("HTTP/") and not b.split(" ", 2)[1].startswith("1")][-1]
@@ -383,7 +386,8 @@ def gen32(tmp, src, big):
         arrival_before_answer(shim, mark, "client -> shim")
         long_request_id(c, direct, "/v2/images", "client -> shim")
 
-        card = stack.add(Apache(os.path.join(tmp, "a32")).start(free_port(), shim.port))
+        # deploy/apache/glance-shim.conf, as a developer would install it.
+        card = stack.add(Apache(os.path.join(tmp, "a32")).start(free_port(), shim.port, apache_snippet(shim.port)))
         print(f"\n== Apache {card.url} -> glance-shim {shim.url} -> glance (in front)", flush=True)
         mark = shim.mark()
         same_as_direct(baseline, run_flows(Client(32, card.url, tmp), src, card.url), "Apache -> shim")
@@ -399,6 +403,20 @@ def gen32(tmp, src, big):
         same_as_direct(baseline, run_flows(Client(32, apache.url, tmp), src, apache.url), "takeover")
         check_correlation(shim_t, mark, glance, "takeover")
         check(apache.site_digest() == site, "takeover: Apache's site is untouched")
+
+        print("\n== client -> glance-shim over TLS (--tls-cert/--tls-key) -> glance", flush=True)
+        cert, key, ca = make_certificates(tmp)
+        shim_tls = stack.add(Shim(tmp, "shim32tls").start(free_port(), glance.port, "--tls-cert", cert,
+                                                          "--tls-key", key))
+        url = f"https://localhost:{shim_tls.port}"
+        mark = shim_tls.mark()
+        c_tls = Client(32, url, tmp, cacert=ca)
+        same_as_direct({k: baseline[k] for k in ("glance", "osc")}, run_flows(c_tls, src, url, ("glance", "osc")),
+                       "TLS client -> shim")
+        check_correlation(shim_tls, mark, glance, "TLS client -> shim")
+        listening = shim_tls.wait_for("the listening line", lambda l: l.get("message") == "listening")
+        check(listening.get("tls") is True, "TLS client -> shim: the shim served TLS, with the certificate and "
+                                            "key in one PEM file as DevStack keeps them")
 
         print("\n== breakpoint: glance 32 stopped mid-upload, 5 s", flush=True)
         breakpoint_check(c, shim, glance, src, 5, "client -> shim")
@@ -429,7 +447,7 @@ def gen33(tmp, src, big):
               f"(uWSGI never answers 100; README 'Testing against a real glance')")
 
         shim = stack.add(Shim(tmp, "shim33").start(free_port(), uwsgi_port, "--stall-after", f"{STALL_AFTER}s"))
-        card = stack.add(Apache(os.path.join(tmp, "a33c")).start(free_port(), shim.port))
+        card = stack.add(Apache(os.path.join(tmp, "a33c")).start(free_port(), shim.port, apache_snippet(shim.port)))
         print(f"\n== Apache {card.url} -> glance-shim {shim.url} -> uWSGI glance (in front)", flush=True)
         c = Client(33, card.url, tmp)
         mark = shim.mark()
@@ -471,6 +489,30 @@ def gen33(tmp, src, big):
         debugger_restart(c, debug, shim_t, devstack_apache, tmp)
     finally:
         stack.close()
+
+
+def make_certificates(tmp):
+    """A CA and a certificate for localhost signed by it, made with openssl; the certificate and its
+    key go into one PEM file, the way DevStack keeps /opt/stack/data/devstack-cert.pem."""
+    d = os.path.join(tmp, "pki")
+    os.makedirs(d, exist_ok=True)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", "/CN=glance-shim e2e CA", "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+        "-out", "server.csr")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
+    combined = os.path.join(d, "devstack-cert.pem")
+    with open(combined, "w") as out:
+        for part in ("server.pem", "server.key"):
+            with open(os.path.join(d, part)) as f:
+                out.write(f.read())
+    return combined, combined, os.path.join(d, "ca.pem")
 
 
 def expect_100(c, src):

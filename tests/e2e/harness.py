@@ -30,10 +30,49 @@ APACHE_MODULES = os.environ.get("APACHE_MODULES", "/usr/lib/apache2/modules")
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if not k.lower().endswith("_proxy") and not k.startswith("OS_")}
 CLEAN_ENV["NO_PROXY"] = CLEAN_ENV["no_proxy"] = "127.0.0.1,localhost"
+# python-requests lets these override the CA a client is given (--os-cacert): drop them.
+for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+    CLEAN_ENV.pop(var, None)
+
+
+DEPLOY = os.path.join(ROOT, "deploy")
 
 
 def venv(gen):
     return os.path.join(CACHE, f"venv-{gen}")
+
+
+def jsonc(path):
+    """JSON with `//` comment lines, as VS Code writes it."""
+    with open(path) as f:
+        return json.loads("".join(l for l in f if not l.lstrip().startswith("//")))
+
+
+def launch_args(name_part):
+    """The args of the deploy/vscode/launch.json configuration whose name contains name_part."""
+    for config in jsonc(os.path.join(DEPLOY, "vscode", "launch.json"))["configurations"]:
+        if name_part in config["name"]:
+            return config
+    raise KeyError(name_part)
+
+
+def glance_conf_snippet(port):
+    """deploy/glance/glance-api.conf.snippet's [DEFAULT] settings, with bind_port set to port."""
+    lines = []
+    with open(os.path.join(DEPLOY, "glance", "glance-api.conf.snippet")) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#") or line.startswith("["):
+                continue
+            key = line.split("=", 1)[0].strip()
+            lines.append(f"bind_port = {port}" if key == "bind_port" else line)
+    return "\n".join(lines) + "\n"
+
+
+def apache_snippet(shim_port):
+    """deploy/apache/glance-shim.conf, pointed at a shim on shim_port instead of 9292."""
+    with open(os.path.join(DEPLOY, "apache", "glance-shim.conf")) as f:
+        return f.read().replace("127.0.0.1:9292", f"127.0.0.1:{shim_port}")
 
 
 def free_port():
@@ -150,7 +189,8 @@ class Glance:
         s = self.state
         server = ""
         if self.mode == "eventlet":
-            server = f"bind_host = 127.0.0.1\nbind_port = {port}\nworkers = 0\n"
+            # What a developer merges into glance-api.conf for a by-hand debug run.
+            server = glance_conf_snippet(port)
         conf = f"""[DEFAULT]
 debug = True
 log_file = {self.log}
@@ -235,9 +275,9 @@ chunked-input-limit = 16777216
 """)
             cmd = [os.path.join(self.venv, "bin", "uwsgi"), "--ini", ini]
         elif self.mode == "gunicorn":
-            cmd = [os.path.join(self.venv, "bin", "gunicorn"), "--bind", f"127.0.0.1:{port}",
-                   "--workers", "1", "--timeout", "0", "--chdir", os.path.join(self.state, "lib"),
-                   "glance.wsgi.api:application"]
+            # Exactly the arguments the VS Code configuration in deploy/ gives gunicorn.
+            args = [a.replace("127.0.0.1:9292", f"127.0.0.1:{port}") for a in launch_args(">= 33")["args"]]
+            cmd = [os.path.join(self.venv, "bin", "gunicorn"), *args]
         else:
             raise ValueError(self.mode)
         if port_open(port):
@@ -283,7 +323,8 @@ class Apache:
         self.error_log = os.path.join(self.dir, "log", "error.log")
         self.port = None
 
-    def start(self, port, backend, extra=""):
+    def start(self, port, backend, site=None):
+        """site: the directives inside the VirtualHost; by default DevStack's glance site."""
         self.port = port
         os.makedirs(os.path.join(self.dir, "run"), exist_ok=True)
         os.makedirs(os.path.join(self.dir, "log"), exist_ok=True)
@@ -309,16 +350,15 @@ LogFormat "%h %t \\"%r\\" %>s %b %Dus out_req_id=\\"%{{x-openstack-request-id}}o
 CustomLog "{self.dir}/log/access.log" glance
 Include "{self.site}"
 """)
+        if site is None:
+            site = f"""# As DevStack's glance site (lib/apache, lib/glance).
+KeepAlive Off
+SetEnv proxy-sendchunked 1
+ProxyPass "/image" "http://127.0.0.1:{backend}" retry=0 acquire=1
+ProxyPassReverse "/image" "http://127.0.0.1:{backend}"
+"""
         with open(self.site, "w") as f:
-            f.write(f"""<VirtualHost 127.0.0.1:{port}>
-    # As DevStack's glance site (lib/apache, lib/glance).
-    KeepAlive Off
-    SetEnv proxy-sendchunked 1
-    ProxyPass "/image" "http://127.0.0.1:{backend}" retry=0 acquire=1
-    ProxyPassReverse "/image" "http://127.0.0.1:{backend}"
-    {extra}
-</VirtualHost>
-""")
+            f.write(f"<VirtualHost 127.0.0.1:{port}>\n{site}\n</VirtualHost>\n")
         test = subprocess.run([APACHE, "-d", self.dir, "-f", self.conf, "-t"], capture_output=True, text=True)
         if test.returncode != 0:
             raise RuntimeError(f"apache2 -t failed: {test.stderr}")
