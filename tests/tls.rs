@@ -122,6 +122,12 @@ async fn the_shim_speaks_tls_to_an_https_upstream_with_a_private_ca() {
     assert_eq!(head.status(), 200, "{}", String::from_utf8_lossy(&body));
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(seen["target"], "/v2/images");
+    let sni = echo.sni.lock().unwrap().clone();
+    assert_eq!(
+        sni,
+        [Some("localhost".to_owned())],
+        "SNI from the host name"
+    );
     // An IP literal is checked against the certificate's IP address, with no SNI.
     let by_ip = Shim::start(
         &format!("https://127.0.0.1:{}", echo.port()),
@@ -129,6 +135,7 @@ async fn the_shim_speaks_tls_to_an_https_upstream_with_a_private_ca() {
     )
     .await;
     assert_eq!(get(by_ip.addr, "/v2/images").await.0.status(), 200);
+    assert_eq!(echo.sni.lock().unwrap().last(), Some(&None));
 }
 
 async fn refused(upstream: &str, extra: &[&str]) -> (Shim, String) {

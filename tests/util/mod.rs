@@ -478,6 +478,8 @@ pub struct Echo {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
+    /// The SNI name of each TLS connection (None: none sent).
+    pub sni: Arc<Mutex<Vec<Option<String>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -502,7 +504,8 @@ impl Echo {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (seen2, conns2) = (seen.clone(), connections.clone());
+        let sni = Arc::new(Mutex::new(Vec::new()));
+        let (seen2, conns2, sni2) = (seen.clone(), connections.clone(), sni.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -511,6 +514,7 @@ impl Echo {
                 let conn = conns2.fetch_add(1, Ordering::SeqCst) + 1;
                 let seen = seen2.clone();
                 let tls = tls.clone();
+                let sni = sni2.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| echo(req, conn, seen.clone()));
                     let http = hyper::server::conn::http1::Builder::new();
@@ -521,6 +525,8 @@ impl Echo {
                         }
                         Some(acceptor) => match acceptor.accept(stream).await {
                             Ok(tls) => {
+                                let name = tls.get_ref().1.server_name().map(str::to_owned);
+                                sni.lock().unwrap().push(name);
                                 http.serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                                     .await
                             }
@@ -534,6 +540,7 @@ impl Echo {
             addr,
             seen,
             connections,
+            sni,
             task,
         }
     }
