@@ -90,19 +90,155 @@ class Direct(Peer):
 class GlanceShim(Peer):
     name = "glance-shim"
 
-    def __init__(self, upstream_port, workdir, binary, extra=()):
+    def __init__(self, upstream_port, workdir, binary, log=True):
         super().__init__(upstream_port, workdir)
         self.binary = binary
-        self.extra = list(extra)
+        self.log = log
+        if not log:
+            self.name = "glance-shim, log off"
 
     def start(self):
         port = free_port()
         log = os.path.join(self.workdir, "glance-shim.log")
+        env = dict(os.environ)
+        env.pop("RUST_LOG", None)
+        if not self.log:
+            env["RUST_LOG"] = "off"
         self.proc = subprocess.Popen(
-            [self.binary, "--listen", str(port), "--upstream", str(self.upstream_port),
-             "--log-file", log, *self.extra],
+            [self.binary, "--listen", str(port), "--upstream", str(self.upstream_port), "--log-file", log],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, self.proc)
+        return port
+
+
+def children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+class Nginx(Peer):
+    """nginx as a streaming reverse proxy: 1 worker, no buffering either way, upstream keep-alive."""
+    name = "nginx"
+
+    def start(self):
+        port = free_port()
+        d = os.path.join(self.workdir, "nginx")
+        os.makedirs(d, exist_ok=True)
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    upstream glance {{ server 127.0.0.1:{self.upstream_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://glance;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+""")
+        self.proc = subprocess.Popen(["nginx", "-p", d, "-c", conf], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, self.proc)
+        return port
+
+    def pid(self):
+        kids = children(self.proc.pid) if self.proc else []
+        return kids[0] if kids else None  # the one worker does the proxying
+
+
+class HAProxy(Peer):
+    """HAProxy in mode http, keep-alive and connection reuse to the upstream, logging to a file."""
+    name = "HAProxy"
+
+    def start(self):
+        port = free_port()
+        d = os.path.join(self.workdir, "haproxy")
+        os.makedirs(d, exist_ok=True)
+        conf = os.path.join(d, "haproxy.cfg")
+        with open(conf, "w") as f:
+            f.write(f"""global
+    maxconn 4096
+    log stdout format raw local0
+defaults
+    mode http
+    log global
+    option httplog
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend glance
+backend glance
+    http-reuse always
+    server up 127.0.0.1:{self.upstream_port}
+""")
+        log = open(os.path.join(d, "access.log"), "ab")
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", conf], stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_port(port, self.proc)
+        return port
+
+
+class Socat(Peer):
+    """socat forwarding bytes, a process per connection; its log has a line per connection (it knows
+    nothing of requests)."""
+    name = "socat"
+
+    def start(self):
+        port = free_port()
+        log = os.path.join(self.workdir, "socat.log")
+        self.proc = subprocess.Popen(
+            ["socat", "-d", "-d", "-lf", log, f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
+             f"TCP:127.0.0.1:{self.upstream_port}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port, self.proc)
+        return port
+
+
+class Mitmdump(Peer):
+    """mitmproxy's mitmdump in reverse mode, streaming bodies (stream_large_bodies=1, without which it
+    holds every body in memory), the flow lines it prints going to a file."""
+    name = "mitmdump"
+
+    def __init__(self, upstream_port, workdir, binary):
+        super().__init__(upstream_port, workdir)
+        self.binary = binary
+
+    def start(self):
+        port = free_port()
+        log = open(os.path.join(self.workdir, "mitmdump.log"), "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--mode", f"reverse:http://127.0.0.1:{self.upstream_port}", "--listen-host",
+             "127.0.0.1", "--listen-port", str(port), "--set", "stream_large_bodies=1", "--set",
+             "keep_host_header=true", "--set", "connection_strategy=lazy"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_port(port, self.proc, timeout=30)
         return port
 
 
@@ -197,14 +333,43 @@ def one_run(peers, args, upload_file, rotate):
             p.stop()
 
 
+def startup_ms(binary, trials=20):
+    """Median time from spawning glance-shim to its port accepting connections."""
+    times = []
+    for _ in range(trials):
+        port = free_port()
+        start = time.perf_counter()
+        proc = subprocess.Popen([binary, "--listen", str(port), "--upstream", "1"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.05):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() - start > 5:
+                    raise RuntimeError("glance-shim did not start")
+                time.sleep(0.0005)
+        times.append((time.perf_counter() - start) * 1000)
+        proc.kill()
+        proc.wait()
+    return statistics.median(times)
+
+
+PEERS = ["glance-shim", "glance-shim, log off", "nginx", "HAProxy", "socat", "mitmdump"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per figure")
     ap.add_argument("--bytes", type=int, default=1 << 30, help="size of each large transfer")
     ap.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--peers", nargs="+", default=PEERS, choices=PEERS, help="proxies to compare")
     ap.add_argument("--shim", default=os.path.join(ROOT, "target/release/glance-shim"))
     ap.add_argument("--upstream", default=os.path.join(ROOT, "target/release/examples/bench-upstream"))
+    ap.add_argument("--mitmdump", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "glance-shim-bench",
+        "venv-mitmproxy", "bin", "mitmdump"))
     ap.add_argument("--json", default=os.path.join(HERE, "results/latest.json"))
     ap.add_argument("--floor", action="store_true",
                     help="exit 1 unless glance-shim reaches the floor: transfers >= 0.7x and small "
@@ -215,6 +380,7 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} is needed (bench/run.sh installs it)")
     workdir = tempfile.mkdtemp(prefix="glance-shim-bench-")
+    os.chmod(workdir, 0o755)
     upstream_port = free_port()
     upload_file = os.path.join(workdir, "image.bin")
     with open(upload_file, "wb") as f:
@@ -224,15 +390,23 @@ def main():
         f.write(block[: args.bytes % (1 << 20)])
     upstream = subprocess.Popen([args.upstream, str(upstream_port)], stdout=subprocess.DEVNULL,
                                 env={**os.environ, "BENCH_FILE": upload_file})
+    make = {
+        "glance-shim": lambda: GlanceShim(upstream_port, workdir, args.shim),
+        "glance-shim, log off": lambda: GlanceShim(upstream_port, workdir, args.shim, log=False),
+        "nginx": lambda: Nginx(upstream_port, workdir),
+        "HAProxy": lambda: HAProxy(upstream_port, workdir),
+        "socat": lambda: Socat(upstream_port, workdir),
+        "mitmdump": lambda: Mitmdump(upstream_port, workdir, args.mitmdump),
+    }
     try:
         wait_port(upstream_port, upstream)
-
-        peers = [Direct(upstream_port, workdir), GlanceShim(upstream_port, workdir, args.shim)]
+        peers = [Direct(upstream_port, workdir)] + [make[name]() for name in args.peers]
         runs = {p.name: [] for p in peers}
         for i in range(args.runs):
             print(f"run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
             for name, r in one_run(peers, args, upload_file, i).items():
                 runs[name].append(r)
+        start_ms = startup_ms(args.shim)
     finally:
         upstream.kill()
         upstream.wait()
@@ -242,37 +416,56 @@ def main():
     med = {name: {k: (statistics.median([r[k] for r in rs]) if rs[0][k] is not None else None)
                   for k in keys} for name, rs in runs.items()}
 
-    def ratio(name, k):
+    def ratio(name, k, base="no proxy"):
         """Median over runs of the ratio taken within each run."""
-        pairs = [(r[k], d[k]) for r, d in zip(runs[name], runs["no proxy"])]
+        if base not in runs:
+            return None
+        pairs = [(r[k], d[k]) for r, d in zip(runs[name], runs[base])]
         if any(a is None or not b for a, b in pairs):
             return None
         return statistics.median(a / b for a, b in pairs)
 
     cols = [(f"rps_c{c}", f"GET c{c}") for c in args.connections] + \
            [(f"p99_ms_c{args.connections[0]}", f"p99 c{args.connections[0]}"),
-            ("down_MBps", "down"), ("up_MBps", "up"), ("chunked_up_MBps", "chunked up"),
+            ("down_MBps", "1 GiB down"), ("up_MBps", "1 GiB up"), ("chunked_up_MBps", "chunked up"),
             ("synthetic_down_MBps", "synthetic down")]
-    print(f"\nmedians of {args.runs} runs, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
-          f"ratios to no proxy in the same run (p99: x times no proxy's latency)\n")
-    header = "| peer | " + " | ".join(c[1] for c in cols) + " | peak RSS |"
-    print(header)
-    print("|" + "---|" * (len(cols) + 2))
-    for name in med:
-        cells = []
-        for k, _ in cols:
-            r = ratio(name, k)
-            cells.append(f"{med[name][k]:.0f}" if name == "no proxy" else (f"{r:.2f}" + ("x" if "p99" in k else "")))
-        rss = med[name]["peak_rss_MiB"]
-        cells.append(f"{rss:.1f} MiB" if rss else "-")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\n(no proxy row: absolute req/s, p99 ms and MB/s)")
+
+    def table(base):
+        lines = ["| peer | " + " | ".join(c[1] for c in cols) + " | peak RSS |", "|" + "---|" * (len(cols) + 2)]
+        for name in med:
+            if name == base and base != "no proxy":
+                continue
+            cells = []
+            for k, _ in cols:
+                if name == "no proxy" and base == "no proxy":
+                    unit = " ms" if "p99" in k else (" req/s" if "rps" in k else " MB/s")
+                    cells.append(f"{med[name][k]:.0f}{unit}")
+                else:
+                    r = ratio(name, k, base)
+                    cells.append("-" if r is None else f"{r:.2f}" + ("x" if "p99" in k else ""))
+            rss = med[name]["peak_rss_MiB"]
+            cells.append(f"{rss:.1f} MiB" if rss else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs. Each figure "
+          f"is a ratio to no proxy in the same run (p99: multiple of no proxy's latency):\n")
+    print(table("no proxy"))
+    if "nginx" in med:
+        print("\nThe same as ratios to nginx:\n")
+        print(table("nginx"))
+    print(f"\nglance-shim start-up to listening: {start_ms:.1f} ms (median of 20)")
+    if "glance-shim, log off" in med:
+        cost = 1 - ratio("glance-shim", f"rps_c{args.connections[0]}", "glance-shim, log off")
+        print(f"logging cost (a line per request to a file vs off): {cost * 100:.1f}% of req/s at "
+              f"c{args.connections[0]}")
 
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "cores": os.cpu_count(),
-                   "runs": runs, "median": med,
-                   "ratio_to_direct": {n: {k: ratio(n, k) for k in keys} for n in med}}, f, indent=1)
+                   "startup_ms": start_ms, "runs": runs, "median": med,
+                   "ratio_to_direct": {n: {k: ratio(n, k) for k in keys} for n in med},
+                   "ratio_to_nginx": {n: {k: ratio(n, k, "nginx") for k in keys} for n in med}}, f, indent=1)
     print(f"saved {args.json}", file=sys.stderr)
 
     if args.floor:
