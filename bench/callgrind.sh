@@ -16,7 +16,7 @@ valgrind --tool=callgrind --callgrind-out-file="$tmp/idle.out" $T/glance-shim --
     --upstream "$up_port" --log-file "$tmp/shim.log" 2>"$tmp/vg-idle.err" & vg=$!
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
 kill -INT $vg; wait $vg || true
-valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" $T/glance-shim --listen "$shim_port" \
+env ${SHIM_ENV:-} valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" $T/glance-shim --listen "$shim_port" \
     --upstream "$up_port" --log-file "$tmp/shim.log" 2>"$tmp/vg.err" & vg=$!
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
 ab -q -k -n "$n" -c 16 "http://127.0.0.1:$shim_port$path" | grep -E "Complete requests|Failed requests"

@@ -2,11 +2,11 @@
 //! one JSON object per line, optionally appended to a file, filtered `RUST_LOG`-style.
 //!
 //! Lines are formatted by a formatter of our own (two lines per request make the log a hot path: it
-//! caches the date, writes fields without `Debug` round trips, escapes JSON by hand) and collected in
-//! a buffer that is written in batches: whenever the runtime is about to wait for I/O (so an idle shim
-//! writes each line at once, and the arrival line of a request that a breakpoint holds is always out),
-//! when 64 KiB have gathered, when the oldest line is 20 ms old, and at exit. A busy shim thus makes
-//! one write(2) per batch instead of two per request, and no line is ever dropped. What each line says
+//! caches the date, writes fields without `Debug` round trips, escapes JSON by hand) straight into a
+//! buffer that is written in batches: a millisecond after its first line (so an idle shim's line, such
+//! as the arrival of a request a breakpoint holds, is out at once), when 64 KiB have gathered, and at
+//! exit. A busy shim thus makes one write(2) per millisecond instead of two per request, and no line
+//! is ever dropped. What each line says
 //! is decided where it is written (`proxy`, `body`, `inflight`, `upstream`).
 
 use std::cell::RefCell;
@@ -14,42 +14,47 @@ use std::fmt::{self, Write as _};
 use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Write};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::Notify;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, LogFormat};
 
 /// A batch is written once it reaches this size...
 const BATCH_BYTES: usize = 64 * 1024;
-/// ...or once its oldest line has waited this long, even if the runtime never goes idle.
-const BATCH_AGE: Duration = Duration::from_millis(20);
+/// ...and in any case this long after its first line: the flusher task's delay.
+const BATCH_DELAY: Duration = Duration::from_millis(1);
 
 struct Batch {
-    buf: Vec<u8>,
-    oldest: Option<Instant>,
+    buf: String,
     sink: Box<dyn Write + Send>,
+    /// The line format, fixed at start-up.
+    format: LineFormat,
 }
 
 impl Batch {
     fn write_out(&mut self) {
         if !self.buf.is_empty() {
             // A log that cannot be written (disk full, closed stderr) must not stop the proxy.
-            let _ = self.sink.write_all(&self.buf);
+            let _ = self.sink.write_all(self.buf.as_bytes());
             let _ = self.sink.flush();
             self.buf.clear();
         }
-        self.oldest = None;
     }
 }
 
 static BATCH: OnceLock<Mutex<Batch>> = OnceLock::new();
+/// Woken when a line lands in an empty batch; see [`flusher`].
+static PENDING: Notify = Notify::const_new();
 
 fn batch() -> Option<MutexGuard<'static, Batch>> {
     BATCH
@@ -57,44 +62,49 @@ fn batch() -> Option<MutexGuard<'static, Batch>> {
         .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Writes out every gathered line. Called by the runtime before it waits for I/O, and before exit.
+/// Writes out every gathered line. Called by the flusher and before exit.
 pub fn flush() {
     if let Some(mut b) = batch() {
         b.write_out();
     }
 }
 
-/// The `MakeWriter` the subscriber formats into: each event arrives as one `write` call.
-#[derive(Clone, Copy)]
-struct Batched;
-
-impl Write for Batched {
-    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
-        if let Some(mut b) = batch() {
-            let now = Instant::now();
-            b.buf.extend_from_slice(line);
-            let oldest = *b.oldest.get_or_insert(now);
-            if b.buf.len() >= BATCH_BYTES || now.duration_since(oldest) >= BATCH_AGE {
-                b.write_out();
-            }
-        }
-        Ok(line.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+/// Writes the batch out a millisecond after its first line: one write(2) for however many lines a
+/// busy millisecond brings, and an idle shim's line (the arrival of a request a breakpoint holds) is
+/// out within that millisecond. Runs for the life of the runtime.
+pub async fn flusher() {
+    loop {
+        PENDING.notified().await;
+        tokio::time::sleep(BATCH_DELAY).await;
+        flush();
     }
 }
 
-impl<'a> MakeWriter<'a> for Batched {
-    type Writer = Batched;
-    fn make_writer(&'a self) -> Batched {
-        Batched
+/// Formats each event straight into the batch.
+struct Lines;
+
+impl<S: Subscriber> Layer<S> for Lines {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let Some(mut b) = batch() else { return };
+        let was_empty = b.buf.is_empty();
+        let format = b.format;
+        let _ = format.format(
+            &mut b.buf,
+            SystemTime::now(),
+            event.metadata().level(),
+            |v| event.record(v),
+        );
+        if b.buf.len() >= BATCH_BYTES {
+            b.write_out();
+        } else if was_empty {
+            drop(b);
+            PENDING.notify_one();
+        }
     }
 }
 
 /// Installs the global subscriber. Fails (with a message naming the flag) only when `--log-file`
-/// cannot be opened for appending.
+/// cannot be opened for appending. Lines are written by [`flusher`], which the runtime must run.
 pub fn init(config: &Config) -> Result<(), String> {
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
@@ -113,19 +123,18 @@ pub fn init(config: &Config) -> Result<(), String> {
             (Box::new(io::stderr()), colour)
         }
     };
-    let _ = BATCH.set(Mutex::new(Batch {
-        buf: Vec::with_capacity(BATCH_BYTES),
-        oldest: None,
-        sink,
-    }));
     let format = LineFormat {
         json: config.log_format == LogFormat::Json,
         colour,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(Batched)
-        .event_format(format)
+    let _ = BATCH.set(Mutex::new(Batch {
+        buf: String::with_capacity(BATCH_BYTES),
+        sink,
+        format,
+    }));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(Lines)
         .init();
     Ok(())
 }

@@ -28,7 +28,6 @@ fn main() -> ExitCode {
     // add context switches (measured in bench/README.md).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_park(logging::flush)
         .build()
     {
         Ok(rt) => rt,
@@ -38,6 +37,7 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
+        tokio::spawn(logging::flusher());
         let listener = match server::bind_listener(&config) {
             Ok(l) => l,
             Err(e) => {

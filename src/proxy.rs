@@ -98,8 +98,8 @@ impl Proxy {
         );
         let entry = &guard.entry;
         let logged_headers = self.log_headers.then(|| headers::for_log(&parts.headers));
-        // Written before anything is sent upstream: when a breakpoint holds this request, this line is
-        // already in the log.
+        // Logged before anything is sent upstream, and out within a millisecond (see `logging`): when a
+        // breakpoint holds this request, this line is in the log.
         info!(
             id = entry.id.as_str(),
             method = entry.method.as_str(),
