@@ -83,7 +83,8 @@ pub struct Completion {
 
 /// Where the response bytes come from.
 enum Source {
-    Upstream(Incoming),
+    /// The upstream's body, and its first frame when it was read before the head was relayed.
+    Upstream(Incoming, Option<Frame<Bytes>>),
     /// A response the shim made itself (error bodies).
     Full(Option<Bytes>),
 }
@@ -113,16 +114,17 @@ impl std::fmt::Debug for ResponseBody {
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResponseBody {
-    /// Streams an upstream response.
+    /// Streams an upstream response; `first` is its first frame if it was already read.
     pub fn upstream(
         inner: Incoming,
+        first: Option<Frame<Bytes>>,
         completion: Completion,
         lease: Option<Lease>,
         idle_timeout: Option<Duration>,
     ) -> Self {
         completion.guard.entry.set_phase(Phase::Streaming);
         ResponseBody {
-            source: Source::Upstream(inner),
+            source: Source::Upstream(inner, first),
             completion: Some(completion),
             lease,
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
@@ -155,7 +157,8 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.source {
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream(inner) => match Pin::new(inner).poll_frame(cx) {
+            Source::Upstream(_, first @ Some(_)) => Poll::Ready(first.take().map(Ok)),
+            Source::Upstream(inner, None) => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BodyError::from))),
                 Poll::Pending => {
                     if let Some((limit, sleep)) = &mut this.idle
@@ -200,7 +203,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Full(bytes) => bytes.is_none(),
-            Source::Upstream(inner) => inner.is_end_stream(),
+            Source::Upstream(inner, first) => first.is_none() && inner.is_end_stream(),
         }
     }
 
@@ -208,7 +211,19 @@ impl Body for ResponseBody {
         match &self.source {
             Source::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Source::Full(None) => SizeHint::with_exact(0),
-            Source::Upstream(inner) => inner.size_hint(),
+            Source::Upstream(inner, first) => {
+                let held = first
+                    .as_ref()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len() as u64);
+                let rest = inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + held);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + held);
+                }
+                hint
+            }
         }
     }
 }

@@ -104,6 +104,33 @@ pub struct Args {
           value_parser = parse_duration)]
     pub drain: Duration,
 
+    /// Connections open at once; beyond this, new ones get a 503 and are closed (open ones keep
+    /// working).
+    #[arg(long, env = "GLANCE_SHIM_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// A complete request head must arrive within this long, or the connection is closed: a client
+    /// trickling its headers, and an idle keep-alive connection waiting for its next request.
+    #[arg(long, env = "GLANCE_SHIM_HEADER_TIMEOUT", value_name = "DURATION", default_value = "30s",
+          value_parser = parse_nonzero_duration)]
+    pub header_timeout: Duration,
+
+    /// Bytes a request head may have (request line and fields); more is answered 431.
+    #[arg(long, env = "GLANCE_SHIM_MAX_HEADER_BYTES", value_name = "BYTES", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_header_bytes: u32,
+
+    /// Fields a request head may have; more is answered 431.
+    #[arg(long, env = "GLANCE_SHIM_MAX_HEADERS", value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_headers: u32,
+
+    /// Bytes a request target (path and query) may have; more is answered 414.
+    #[arg(long, env = "GLANCE_SHIM_MAX_URI_BYTES", value_name = "BYTES", default_value_t = 8192,
+          value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub max_uri_bytes: u32,
+
     /// Log format.
     #[arg(
         long,
@@ -164,6 +191,13 @@ impl Args {
             upstream_timeout: self.upstream_timeout,
             wait_upstream: self.wait_upstream.filter(|d| !d.is_zero()),
             drain: self.drain,
+            limits: crate::config::Limits {
+                max_connections: self.max_connections as usize,
+                header_timeout: self.header_timeout,
+                max_header_bytes: self.max_header_bytes as usize,
+                max_headers: self.max_headers as usize,
+                max_uri_bytes: self.max_uri_bytes as usize,
+            },
             log_headers: self.log_headers,
             log_format: self.log_format,
             log_file: self.log_file,
@@ -410,6 +444,48 @@ mod tests {
         if !std::path::Path::new(uwsgi::DEVSTACK_INI).exists() {
             let line = usage(&["--takeover"]);
             assert!(line.contains(uwsgi::DEVSTACK_INI), "{line}");
+        }
+    }
+
+    #[test]
+    fn limits() {
+        let c = config(&["--listen", "1", "--upstream", "2"]);
+        assert_eq!(c.limits, crate::config::Limits::default());
+        let c = config(&[
+            "--listen",
+            "1",
+            "--upstream",
+            "2",
+            "--max-connections",
+            "7",
+            "--header-timeout",
+            "5s",
+            "--max-header-bytes",
+            "4096",
+            "--max-headers",
+            "20",
+            "--max-uri-bytes",
+            "100",
+        ]);
+        assert_eq!(c.limits.max_connections, 7);
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(5));
+        assert_eq!(
+            (
+                c.limits.max_header_bytes,
+                c.limits.max_headers,
+                c.limits.max_uri_bytes
+            ),
+            (4096, 20, 100)
+        );
+        for (flag, bad) in [
+            ("--max-connections", "0"),
+            ("--header-timeout", "0"),
+            ("--max-header-bytes", "10"),
+            ("--max-headers", "many"),
+            ("--max-uri-bytes", "1"),
+        ] {
+            let line = usage(&["--listen", "1", "--upstream", "2", flag, bad]);
+            assert!(line.contains(flag), "{line}");
         }
     }
 

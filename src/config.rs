@@ -238,6 +238,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// What a client may send and hold; each has a flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// A complete request head must arrive within this long: a client trickling its headers, or an
+    /// idle keep-alive connection, is closed after it.
+    pub header_timeout: Duration,
+    /// Bytes in a request head (request line and fields); more is answered 431.
+    pub max_header_bytes: usize,
+    /// Fields in a request head; more is answered 431.
+    pub max_headers: usize,
+    /// Bytes in a request target; more is answered 414.
+    pub max_uri_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+        }
+    }
+}
+
 /// The listening side's certificate chain and key (PEM files).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -261,6 +289,8 @@ pub struct Config {
     pub wait_upstream: Option<Duration>,
     /// How long in-flight requests may run after SIGTERM/SIGINT before the shim exits anyway.
     pub drain: Duration,
+    /// Limits on what clients may send and hold.
+    pub limits: Limits,
     /// Add the (masked) request headers to the arrival line.
     pub log_headers: bool,
     pub log_format: LogFormat,
@@ -285,6 +315,7 @@ impl Config {
             upstream_timeout: None,
             wait_upstream: None,
             drain: Duration::from_secs(10),
+            limits: Limits::default(),
             log_headers: false,
             log_format: LogFormat::Text,
             log_file: None,

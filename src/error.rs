@@ -27,6 +27,8 @@ pub enum ProxyError {
     ClientBody(String),
     /// A request the shim will not forward as it is (400).
     BadRequest(String),
+    /// The request target is longer than `--max-uri-bytes` (414).
+    UriTooLong { len: usize, max: usize },
     /// CONNECT: the shim forwards only to its upstream, never tunnels (405).
     Connect,
     /// The request already went through this shim: listen and upstream point at each other (508).
@@ -42,6 +44,7 @@ impl ProxyError {
             | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Loop => StatusCode::LOOP_DETECTED,
         }
@@ -90,6 +93,10 @@ impl ProxyError {
                 format!("the request body from the client broke off before it was complete: {e}")
             }
             ProxyError::BadRequest(why) => why.clone(),
+            ProxyError::UriTooLong { len, max } => format!(
+                "the request target is {len} bytes long; glance-shim forwards at most {max} \
+                 (--max-uri-bytes)"
+            ),
             ProxyError::Connect => {
                 "glance-shim forwards requests to its upstream glance-api only; CONNECT tunnels are refused."
                     .into()
@@ -117,6 +124,9 @@ impl ProxyError {
             ),
             ProxyError::ClientBody(e) => format!("the client's body broke off: {e}"),
             ProxyError::BadRequest(why) => why.clone(),
+            ProxyError::UriTooLong { len, max } => {
+                format!("request target of {len} bytes, over {max}")
+            }
             ProxyError::Connect => "CONNECT refused".into(),
             ProxyError::Loop => {
                 format!("loop: the request came back through glance-shim ({upstream})")
@@ -151,6 +161,11 @@ impl ProxyError {
                 header::ALLOW,
                 HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             );
+        }
+        if status.is_client_error() {
+            // After a request the shim refused, what follows on the connection cannot be trusted to
+            // be framed as the client meant (a body not read, a second request smuggled in): close.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         (res, message)
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use tracing::{info, warn};
 
@@ -55,6 +56,8 @@ pub struct Proxy {
     client_proto: &'static str,
     log_headers: bool,
     upstream_timeout: Option<Duration>,
+    /// Longer request targets are answered 414.
+    max_uri_bytes: usize,
 }
 
 impl Proxy {
@@ -70,6 +73,7 @@ impl Proxy {
             },
             log_headers: config.log_headers,
             upstream_timeout: config.upstream_timeout,
+            max_uri_bytes: config.limits.max_uri_bytes,
         }
     }
 
@@ -131,11 +135,39 @@ impl Proxy {
             Err(err) => return self.answer(err, guard),
         };
 
-        let result = self.send(upstream_req, entry).await;
-        match result {
-            Ok(res) => self.relay(res, guard),
-            Err(err) => self.answer(err, guard),
-        }
+        let (res, lease, headers_after) = match self.send(upstream_req, entry).await {
+            Ok(sent) => sent,
+            Err(err) => return self.answer(err, guard),
+        };
+        // Read the first body frame before relaying the head: a body that is broken from its first
+        // byte (bad chunk framing, the upstream gone) then gets a 502 instead of a head and an abort.
+        let (parts, mut body) = res.into_parts();
+        let first = if body.is_end_stream() {
+            None
+        } else {
+            let frame = body.frame();
+            let frame = match self.upstream_timeout {
+                None => frame.await,
+                Some(limit) => match tokio::time::timeout(limit, frame).await {
+                    Ok(frame) => frame,
+                    Err(_) => return self.answer(ProxyError::Timeout(limit), guard),
+                },
+            };
+            match frame {
+                None => None,
+                Some(Ok(frame)) => Some(frame),
+                Some(Err(e)) => {
+                    let why = error_chain(&e);
+                    let err = if e.is_incomplete_message() {
+                        ProxyError::ClosedEarly(why)
+                    } else {
+                        ProxyError::InvalidResponse(why)
+                    };
+                    return self.answer(err, guard); // the lease is dropped: never reused
+                }
+            }
+        };
+        self.relay(parts, body, first, lease, headers_after, guard)
     }
 
     /// Checks the request and turns its headers into the upstream request's; returns the upstream URI.
@@ -146,6 +178,14 @@ impl Proxy {
     ) -> Result<Uri, ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Connect);
+        }
+        let target_len = parts.uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + parts.uri.authority().map_or(0, |a| a.as_str().len());
+        if target_len > self.max_uri_bytes {
+            return Err(ProxyError::UriTooLong {
+                len: target_len,
+                max: self.max_uri_bytes,
+            });
         }
         if headers::has_our_via(&parts.headers) {
             return Err(ProxyError::Loop);
@@ -241,10 +281,13 @@ impl Proxy {
     /// Relays the upstream's response: hop-by-hop fields out, everything else as it came.
     fn relay(
         &self,
-        (res, lease, headers_after): (Response<Incoming>, Lease, Duration),
+        mut parts: http::response::Parts,
+        body: Incoming,
+        first: Option<hyper::body::Frame<Bytes>>,
+        lease: Lease,
+        headers_after: Duration,
         guard: Guard,
     ) -> Response<ResponseBody> {
-        let (mut parts, body) = res.into_parts();
         // A connection the upstream will close is not worth returning to the pool.
         let reusable = parts.version == Version::HTTP_11 && !headers::says_close(&parts.headers);
         // The version belongs to each hop: the shim speaks HTTP/1.1 to its client (hyper answers an
@@ -269,7 +312,7 @@ impl Proxy {
         let lease = reusable.then_some(lease);
         Response::from_parts(
             parts,
-            ResponseBody::upstream(body, completion, lease, self.upstream_timeout),
+            ResponseBody::upstream(body, first, completion, lease, self.upstream_timeout),
         )
     }
 

@@ -141,14 +141,22 @@ impl Server {
             tokio::spawn(inflight::watchdog(proxy.registry.clone(), stall_after));
         }
 
+        let limits = &config.limits;
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .preserve_header_case(true)
             // Responses are relayed as they come: no Date added where the upstream sent none.
             .auto_date_header(false)
-            .keep_alive(true);
+            .keep_alive(true)
+            // hyper answers 431 past these, and closes a connection whose next request head does not
+            // arrive in time (a slow client, or an idle keep-alive connection).
+            .max_header_size(limits.max_header_bytes)
+            .max_headers(limits.max_headers)
+            .header_read_timeout(limits.header_timeout);
         let graceful = GracefulShutdown::new();
         let handshake_failures = Arc::new(RateLimited::default());
+        let over_limit = Arc::new(RateLimited::default());
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
 
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(5);
@@ -171,6 +179,18 @@ impl Server {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Past --max-connections: say so and close; the connections already open carry on.
+                over_limit.warn(
+                    peer,
+                    &format!(
+                        "--max-connections ({}) reached: refusing a connection",
+                        limits.max_connections
+                    ),
+                );
+                tokio::spawn(refuse(stream));
+                continue;
+            };
             let proxy = proxy.clone();
             let client = Client::new(peer);
             let service = service_fn(move |req| {
@@ -180,6 +200,7 @@ impl Server {
             let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
             let handshake_failures = handshake_failures.clone();
             tokio::spawn(async move {
+                let _slot = slot; // held for the life of the connection
                 let io = match tls {
                     None => ClientStream::Plain(stream),
                     Some(acceptor) => {
@@ -213,6 +234,21 @@ impl Server {
             info!("all connections closed; exiting");
         }
     }
+}
+
+/// Answers a connection over `--max-connections` with a 503 and closes it, without reading it.
+async fn refuse(mut stream: TcpStream) {
+    let body = br#"{"message": "glance-shim has --max-connections connections open; retry later", "code": 503, "title": "Service Unavailable"}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// A client connection, plain or TLS.

@@ -1,0 +1,573 @@
+//! Bad input, faults and load: limits with clear answers, no request smuggling, no lost bytes, no
+//! leaked connections. Requests are raw bytes on sockets, so what is tested is what goes over the wire.
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use util::*;
+
+fn status_of(raw: &[u8]) -> Option<u16> {
+    let line = raw.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.split(' ');
+    if !words.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    words.next()?.parse().ok()
+}
+
+/// Sends `bytes` on a new connection and returns everything that comes back until the shim closes.
+async fn send_raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut conn = Conn::connect(addr).await;
+    conn.write(bytes).await;
+    conn.read_to_close().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_and_targets_get_431_and_414() {
+    let echo = Echo::start().await;
+    let shim = Shim::start(
+        &echo.port(),
+        &[
+            "--max-header-bytes",
+            "8192",
+            "--max-headers",
+            "20",
+            "--max-uri-bytes",
+            "1000",
+        ],
+    )
+    .await;
+    let big_field = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    assert_eq!(
+        status_of(&send_raw(shim.addr, big_field.as_bytes()).await),
+        Some(431)
+    );
+    let many: String = (0..25).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n");
+    assert_eq!(
+        status_of(&send_raw(shim.addr, many.as_bytes()).await),
+        Some(431)
+    );
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        "x".repeat(1200)
+    );
+    let answer = send_raw(shim.addr, long.as_bytes()).await;
+    assert_eq!(status_of(&answer), Some(414));
+    assert!(String::from_utf8_lossy(&answer).contains("--max-uri-bytes"));
+    // Right at the limits, everything goes through.
+    let fits: String = (0..17).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let ok = format!(
+        "GET /{} HTTP/1.1\r\nHost: h\r\n{fits}Connection: close\r\n\r\n",
+        "x".repeat(990)
+    );
+    assert_eq!(
+        status_of(&send_raw(shim.addr, ok.as_bytes()).await),
+        Some(200)
+    );
+    assert_eq!(echo.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
+    let echo = Echo::start().await;
+    let shim = Shim::start(&echo.port(), &["--header-timeout", "1s"]).await;
+    // Trickles a byte at a time, never finishing its head.
+    let started = Instant::now();
+    let mut slow = Conn::connect(shim.addr).await;
+    slow.write(b"GET / HTTP/1.1\r\n").await;
+    let trickle = async {
+        for _ in 0..50 {
+            if slow.stream.write_all(b"X").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    trickle.await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, slow.stream.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    let held = started.elapsed();
+    assert!(
+        held < Duration::from_secs(4),
+        "the slow client was held {held:?}"
+    );
+    // An idle keep-alive connection after one request.
+    let mut idle = Conn::connect(shim.addr).await;
+    idle.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    let head = idle.read_head().await;
+    idle.read_body(&head).await;
+    let started = Instant::now();
+    assert!(idle.closed().await);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_new_ones_get_503_and_open_ones_keep_working() {
+    let echo = Echo::start().await;
+    let shim = Shim::start(&echo.port(), &["--max-connections", "3"]).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut c = Conn::connect(shim.addr).await;
+        c.send("GET /held HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        let head = c.read_head().await;
+        c.read_body(&head).await;
+        open.push(c);
+    }
+    let refused = send_raw(shim.addr, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    assert_eq!(
+        status_of(&refused),
+        Some(503),
+        "{}",
+        String::from_utf8_lossy(&refused)
+    );
+    assert!(String::from_utf8_lossy(&refused).contains("--max-connections"));
+    for c in &mut open {
+        c.send("GET /again HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        assert_eq!(
+            c.read_head().await.status(),
+            200,
+            "an open connection keeps working"
+        );
+    }
+    drop(open);
+    // Slots come back when connections close.
+    let mut after = None;
+    for _ in 0..100 {
+        let answer = send_raw(
+            shim.addr,
+            b"GET /y HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if status_of(&answer) == Some(200) {
+            after = Some(answer);
+            break;
+        }
+        // The shim frees a slot when it sees the close; no signal reaches the client for that.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        after.is_some(),
+        "a new connection is served once the others closed"
+    );
+    shim.wait_for("the refusal warning", |l| {
+        msg(l).contains("--max-connections (3) reached")
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Smuggling
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_chunked_wins_and_the_connection_closes() {
+    let up = RawUpstream::bind().await;
+    let shim = Shim::start(&up.port(), &[]).await;
+    let mut client = Conn::connect(shim.addr).await;
+    client
+        .send("POST /v2/images HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await;
+    let mut conn = up.accept().await;
+    let head = conn.read_head().await;
+    assert!(!head.has("content-length"), "CL is dropped: {head:?}");
+    assert_eq!(head.get("transfer-encoding"), Some("chunked"));
+    assert_eq!(conn.read_chunked().await, b"hello");
+    conn.send("HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    let response = client.read_to_close().await;
+    assert_eq!(status_of(&response), Some(201));
+    assert_eq!(
+        response.windows(5).filter(|w| w == b"HTTP/").count(),
+        1,
+        "nothing after the closing response"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), up.accept())
+            .await
+            .is_err(),
+        "the trailing request is not forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_and_malformed_fields_get_400() {
+    let echo = Echo::start().await;
+    let shim = Shim::start(&echo.port(), &[]).await;
+    for bad in [
+        &b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\nabcd",
+        b"GET / HTTP/1.1\r\nHost : h\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Folded: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Bad\x01Name: v\r\n\r\n",
+        b"GET /\x7f HTTP/1.1\r\nHost: h\r\n\r\n",
+    ] {
+        let answer = send_raw(shim.addr, bad).await;
+        let status = status_of(&answer);
+        assert!(
+            status.is_some_and(|s| (400..500).contains(&s)),
+            "{:?} -> {:?}",
+            String::from_utf8_lossy(bad),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert!(
+        echo.requests().is_empty(),
+        "none of them reached the upstream: {:?}",
+        echo.requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_response_with_broken_framing_is_a_502_and_its_connection_is_not_reused() {
+    let up = RawUpstream::bind().await;
+    let shim = Shim::start(&up.port(), &[]).await;
+    for broken in [
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    ] {
+        let client = tokio::spawn(get(shim.addr, "/v2/images"));
+        let mut conn = up.accept().await;
+        conn.read_head().await;
+        conn.send(broken).await;
+        let (head, body) = tokio::time::timeout(PATIENCE, client)
+            .await
+            .unwrap()
+            .unwrap();
+        // Broken in the head, or in the body's first chunk: nothing was relayed yet, so a 502.
+        assert_eq!(head.status(), 502, "{broken:?}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("not valid HTTP/1.1"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        // The next request must not go to the broken connection.
+        let next = tokio::spawn(get(shim.addr, "/next"));
+        let mut fresh = up.accept().await;
+        assert_eq!(fresh.read_head().await.start, "GET /next HTTP/1.1");
+        fresh
+            .send("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await;
+        assert_eq!(next.await.unwrap().0.status(), 200);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_killed_mid_upload_is_a_502_when_nothing_was_answered() {
+    let up = RawUpstream::bind().await;
+    let shim = Shim::start(&up.port(), &[]).await;
+    let mut client = Conn::connect(shim.addr).await;
+    client
+        .send("PUT /v2/images/x/file HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    client.write_chunk(&[7u8; 65536]).await;
+    let mut conn = up.accept().await;
+    conn.read_head().await;
+    conn.read_chunk().await;
+    drop(conn); // glance dies with the upload half read
+    let head = client.read_head().await;
+    assert_eq!(head.status(), 502);
+    let body = client.read_body(&head).await;
+    assert!(
+        String::from_utf8_lossy(&body).contains("closed the connection"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_download_closes_the_upstream_connection_within_a_second() {
+    let up = RawUpstream::bind().await;
+    let shim = Shim::start(&up.port(), &[]).await;
+    let mut client = Conn::connect(shim.addr).await;
+    client
+        .send("GET /v2/images/x/file HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await;
+    let mut conn = up.accept().await;
+    conn.read_head().await;
+    conn.send(&format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+        1u64 << 30
+    ))
+    .await;
+    let block = vec![1u8; 1 << 20];
+    for _ in 0..4 {
+        conn.write(&block).await;
+    }
+    client.read_head().await;
+    client.read_exact(1 << 20).await;
+    drop(client);
+    let gone = Instant::now();
+    // Keep streaming as glance would: the writes must start failing within a second.
+    let mut failed = None;
+    while gone.elapsed() < PATIENCE {
+        if conn.stream.write_all(&block).await.is_err() {
+            failed = Some(gone.elapsed());
+            break;
+        }
+    }
+    let failed = failed.expect("the shim never closed the upstream connection");
+    assert!(
+        failed < Duration::from_secs(1),
+        "upstream connection closed after {failed:?}"
+    );
+    let line = shim
+        .wait_for("the aborted line", |l| msg(l).starts_with("aborted"))
+        .await;
+    assert!(line["bytes_out"].as_u64().unwrap() >= 1 << 20);
+    shim.signal("USR1");
+    shim.wait_for("an empty table", |l| {
+        msg(l).starts_with("SIGUSR1: 0 request(s) in flight")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_upstream_with_64_requests_waiting_answers_them_all_after_it_resumes() {
+    let pause = Duration::from_secs(
+        std::env::var("GLANCE_SHIM_LONG_PAUSE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(120),
+    );
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
+    let up = RawUpstream::bind().await;
+    let shim = Shim::start(&up.port(), &["--stall-after", "1s"]).await;
+    let mut clients = Vec::new();
+    for i in 0..64 {
+        let addr = shim.addr;
+        clients.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "PUT /v2/images/{i}/file HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nConnection: close\r\n\r\nimage"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            // Waits through the whole pause: longer than the harness's usual patience.
+            let mut answer = Vec::new();
+            tokio::time::timeout(pause + PATIENCE, stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+            answer
+        }));
+    }
+    let mut servers = Vec::new();
+    for _ in 0..64 {
+        let mut conn = up.accept().await;
+        let mut gate = gate.clone();
+        servers.push(tokio::spawn(async move {
+            let head = conn.read_head().await;
+            let body = conn.read_exact(5).await;
+            gate.wait_for(|open| *open).await.unwrap(); // paused, as at a breakpoint
+            let path = head.start.split(' ').nth(1).unwrap().to_owned();
+            conn.send(&format!(
+                "HTTP/1.1 204 No Content\r\nX-Path: {path}\r\n\r\n"
+            ))
+            .await;
+            body
+        }));
+    }
+    shim.wait_for_nth("stall notices for all 64", 64, |l| {
+        msg(l).contains("probably paused")
+    })
+    .await;
+    tokio::time::sleep(pause).await; // the length of the pause is what is tested
+    open_gate.send(true).unwrap();
+    for (i, c) in clients.into_iter().enumerate() {
+        let answer = String::from_utf8(c.await.unwrap()).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 204 No Content\r\n"),
+            "request {i}: {answer}"
+        );
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains(&format!("x-path: /v2/images/{i}/file\r\n")),
+            "request {i}: {answer}"
+        );
+    }
+    for s in servers {
+        assert_eq!(s.await.unwrap(), b"image");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_closes_its_connections_does_not_fail_the_next_request() {
+    let up = RawUpstream::bind().await;
+    let shim = Shim::start(&up.port(), &[]).await;
+    // uWSGI: every answer says Connection: close, then closes.
+    let first = tokio::spawn(get(shim.addr, "/one"));
+    let mut conn = up.accept().await;
+    conn.read_head().await;
+    conn.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        .await;
+    drop(conn);
+    assert_eq!(first.await.unwrap().0.status(), 200);
+    let second = tokio::spawn(get(shim.addr, "/two"));
+    let mut conn = up.accept().await;
+    assert_eq!(conn.read_head().await.start, "GET /two HTTP/1.1");
+    conn.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .await;
+    assert_eq!(second.await.unwrap().0.status(), 200);
+    // An idle keep-alive connection the upstream closes without a word (eventlet's idle timeout).
+    drop(conn);
+    // The shim learns of the close when its connection task reads the EOF; a retry covers the race.
+    let third = tokio::spawn(get(shim.addr, "/three"));
+    let mut conn = up.accept().await;
+    assert_eq!(conn.read_head().await.start, "GET /three HTTP/1.1");
+    conn.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .await;
+    assert_eq!(third.await.unwrap().0.status(), 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_listen_address_is_spelled_out_and_warned_about() {
+    let echo = Echo::start().await;
+    let mut shim = Shim::spawn(
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--upstream",
+            &echo.port(),
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let line = shim
+        .wait_for("the warning", |l| msg(l).contains("non-loopback"))
+        .await;
+    assert_eq!(field(&line, "level"), "WARN");
+    let listening = shim.wait_for("listening", |l| msg(l) == "listening").await;
+    shim.addr = field(&listening, "listen")
+        .replace("0.0.0.0", "127.0.0.1")
+        .parse()
+        .unwrap();
+    assert_eq!(get(shim.addr, "/").await.0.status(), 200);
+    // A bare port is loopback.
+    let local = Shim::start(&echo.port(), &[]).await;
+    assert!(local.addr.ip().is_loopback());
+    assert_eq!(local.count(|l| msg(l).contains("non-loopback")), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_headers_and_bodies_reach_no_log_at_any_level_or_format() {
+    let echo = Echo::start().await;
+    let dir = tempdir("secrets");
+    let secrets = [
+        "gAAAAA-token-SECRET-a1",
+        "subject-SECRET-b2",
+        "service-SECRET-c3",
+        "Bearer bearer-SECRET-d4",
+        "Basic cHJveHk6U0VDUkVULWU1",
+        "sid=cookie-SECRET-f6",
+        "pass-SECRET-g7",
+        "cred-SECRET-h8",
+    ];
+    let body = format!(
+        r#"{{"auth": {{"identity": {{"methods": ["password"], "password": {{"user": {{"name": "admin", "password": "{}"}}}}}}, "token": {{"id": "{}"}}}}, "secret": "{}", "credential": "{}"}}"#,
+        secrets[6], secrets[0], secrets[2], secrets[7]
+    );
+    let request = format!(
+        "POST /v3/auth/tokens HTTP/1.1\r\nHost: h\r\nX-Auth-Token: {}\r\nX-Subject-Token: {}\r\nX-Service-Token: {}\r\n\
+         Authorization: {}\r\nProxy-Authorization: {}\r\nCookie: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        secrets[0],
+        secrets[1],
+        secrets[2],
+        secrets[3],
+        secrets[4],
+        secrets[5],
+        body.len()
+    );
+    let mut logs = Vec::new();
+    for (format, level) in [
+        ("json", "trace"),
+        ("text", "trace"),
+        ("json", "info"),
+        ("text", "debug"),
+    ] {
+        let file = dir.join(format!("{format}-{level}.log"));
+        let shim = Shim::spawn(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &echo.port(),
+                "--log-headers",
+                "--log-format",
+                format,
+                "--log-file",
+                file.to_str().unwrap(),
+            ],
+            &[("RUST_LOG", level)],
+        );
+        let addr = loop {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find(|l| l.contains("listening"))
+                .and_then(|l| {
+                    let at = l.find("127.0.0.1:")?;
+                    let end = l[at..]
+                        .find(['"', ' '])
+                        .map_or(l.len(), |e| at + e);
+                    l[at..end].parse::<std::net::SocketAddr>().ok()
+                })
+            {
+                break addr;
+            }
+            // The log file has no change notification; poll it.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        roundtrip(addr, &request).await;
+        let deadline = Instant::now() + PATIENCE;
+        while !std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .contains("completed")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no completion line in {}",
+                file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(shim);
+        logs.push((file.clone(), std::fs::read_to_string(&file).unwrap()));
+    }
+    for (file, text) in &logs {
+        assert!(
+            text.contains("<masked>"),
+            "{}: the headers were logged, masked",
+            file.display()
+        );
+        for s in secrets {
+            let needle = s.rsplit(' ').next().unwrap();
+            assert!(
+                !text.contains(needle),
+                "{} leaked into {}",
+                needle,
+                file.display()
+            );
+        }
+    }
+}
