@@ -231,7 +231,7 @@ where
     match Args::try_parse_from(args) {
         Ok(args) => match args.into_config() {
             Ok(config) => Parsed::Run(Box::new(config)),
-            Err(msg) => Parsed::Usage(format!("glance-shim: {msg}")),
+            Err(msg) => Parsed::Usage(format!("glance-shim: {}", without_controls(&msg))),
         },
         Err(err) => match err.kind() {
             clap::error::ErrorKind::DisplayHelp
@@ -242,6 +242,14 @@ where
             _ => Parsed::Usage(one_line(&err.render().to_string())),
         },
     }
+}
+
+/// `text` with control characters (a newline in a file name, say) written as escapes, so a usage
+/// error stays one line.
+fn without_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 /// Folds clap's multi-line error (message, usage, tips) into the one line a user needs.
@@ -402,6 +410,14 @@ mod tests {
         );
         let line = usage(&["--listen", "9292", "--upstream", "1", "--bogus"]);
         assert!(!line.contains('\n') && line.contains("--bogus"), "{line}");
+    }
+
+    #[test]
+    fn a_usage_error_stays_one_line_whatever_the_values_hold() {
+        let line = usage(&["--takeover", "/tmp/a\nb.ini"]);
+        assert!(!line.contains('\n') && line.contains("a\\nb.ini"), "{line}");
+        let line = usage(&["--listen", "a\nb", "--upstream", "1"]);
+        assert!(!line.contains('\n'), "{line}");
     }
 
     #[test]

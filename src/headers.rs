@@ -65,14 +65,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if present[0] {
         // Names listed in Connection other than the usual keep-alive/close tokens (which name no
         // field, or the Keep-Alive field already handled) are rare; allocate only for them.
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        let listed: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
+            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in listed {
             headers.remove(name);
@@ -85,28 +80,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The comma-separated items of every `name` field, trimmed, as bytes: a value with bytes that are not
+/// ASCII (obs-text) must not hide the items around them.
+fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
 /// True when a `Connection` field asks to close the connection after this message.
 pub fn says_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+    list_items(headers, &header::CONNECTION).any(|token| token.eq_ignore_ascii_case(b"close"))
 }
 
 /// True when one of the `Via` entries is ours: the request has been through this shim before.
 pub fn has_our_via(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::VIA)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|entry| {
-            let mut words = entry.split_whitespace();
-            let _protocol = words.next();
-            words.next() == Some("glance-shim")
-        })
+    list_items(headers, &header::VIA).any(|entry| {
+        let mut words = entry.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
+        let _protocol = words.next();
+        words.next() == Some(&b"glance-shim"[..])
+    })
 }
 
 /// What the shim adds to a request before forwarding it.
@@ -301,6 +296,20 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, ::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "cloud.example.org");
+    }
+
+    #[test]
+    fn bytes_that_are_not_ascii_hide_nothing() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_bytes(b"X-Hop, caf\xe9").unwrap());
+        h.append(HeaderName::from_static("x-hop"), HeaderValue::from_static("1"));
+        h.append(header::VIA, HeaderValue::from_bytes(b"1.0 \x85proxy, 1.1 glance-shim").unwrap());
+        assert!(has_our_via(&h));
+        remove_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-hop"), "a listed name next to obs-text is still removed");
+        let mut c = HeaderMap::new();
+        c.append(header::CONNECTION, HeaderValue::from_bytes(b"\xff, close").unwrap());
+        assert!(says_close(&c));
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl Client {
 
 /// What every request needs, shared by all connections.
 pub struct Proxy {
-    pool: Arc<Pool>,
+    pub pool: Arc<Pool>,
     pub registry: Arc<Registry>,
     /// The upstream address as text, for messages.
     upstream_display: String,

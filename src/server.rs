@@ -140,6 +140,7 @@ impl Server {
         if let Some(stall_after) = config.stall_after {
             tokio::spawn(inflight::watchdog(proxy.registry.clone(), stall_after));
         }
+        tokio::spawn(proxy.pool.clone().reap_idle());
 
         let limits = &config.limits;
         let mut http = http1::Builder::new();

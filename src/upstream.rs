@@ -288,9 +288,13 @@ type Sender = SendRequest<RequestBody>;
 #[derive(Debug)]
 pub struct Pool {
     connector: Connector,
-    idle: Mutex<Vec<Sender>>,
+    /// Idle connections, most recently used last, with when they went idle.
+    idle: Mutex<Vec<(Sender, Instant)>>,
     http: http1::Builder,
 }
+
+/// How long an idle upstream connection is kept: after a burst, the pool shrinks back.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Upstream connections kept idle at most; more than glance ever needs, few enough to bound memory.
 const MAX_IDLE: usize = 256;
@@ -306,15 +310,26 @@ impl Pool {
         })
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes idle connections unused for [`IDLE_TIMEOUT`]; runs for the life of the pool.
+    pub async fn reap_idle(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            self.idle().retain(|(sender, since)| !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
+        }
     }
 
     /// The most recently used idle connection that is still open (the likeliest to still be alive).
     fn checkout(&self) -> Option<Sender> {
         let mut idle = self.idle();
-        while let Some(sender) = idle.pop() {
-            if !sender.is_closed() {
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
                 return Some(sender);
             }
         }
@@ -419,7 +434,7 @@ impl Lease {
         {
             let mut idle = self.pool.idle();
             if idle.len() < MAX_IDLE {
-                idle.push(sender);
+                idle.push((sender, Instant::now()));
             }
         }
     }
