@@ -98,7 +98,9 @@ pub fn says_close(headers: &HeaderMap) -> bool {
 /// True when one of the `Via` entries is ours: the request has been through this shim before.
 pub fn has_our_via(headers: &HeaderMap) -> bool {
     list_items(headers, &header::VIA).any(|entry| {
-        let mut words = entry.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
+        let mut words = entry
+            .split(u8::is_ascii_whitespace)
+            .filter(|w| !w.is_empty());
         let _protocol = words.next();
         words.next() == Some(&b"glance-shim"[..])
     })
@@ -301,14 +303,29 @@ mod tests {
     #[test]
     fn bytes_that_are_not_ascii_hide_nothing() {
         let mut h = HeaderMap::new();
-        h.append(header::CONNECTION, HeaderValue::from_bytes(b"X-Hop, caf\xe9").unwrap());
-        h.append(HeaderName::from_static("x-hop"), HeaderValue::from_static("1"));
-        h.append(header::VIA, HeaderValue::from_bytes(b"1.0 \x85proxy, 1.1 glance-shim").unwrap());
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"X-Hop, caf\xe9").unwrap(),
+        );
+        h.append(
+            HeaderName::from_static("x-hop"),
+            HeaderValue::from_static("1"),
+        );
+        h.append(
+            header::VIA,
+            HeaderValue::from_bytes(b"1.0 \x85proxy, 1.1 glance-shim").unwrap(),
+        );
         assert!(has_our_via(&h));
         remove_hop_by_hop(&mut h);
-        assert!(!h.contains_key("x-hop"), "a listed name next to obs-text is still removed");
+        assert!(
+            !h.contains_key("x-hop"),
+            "a listed name next to obs-text is still removed"
+        );
         let mut c = HeaderMap::new();
-        c.append(header::CONNECTION, HeaderValue::from_bytes(b"\xff, close").unwrap());
+        c.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xff, close").unwrap(),
+        );
         assert!(says_close(&c));
     }
 

@@ -321,7 +321,9 @@ impl Pool {
         loop {
             tick.tick().await;
             let now = Instant::now();
-            self.idle().retain(|(sender, since)| !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
+            self.idle().retain(|(sender, since)| {
+                !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
+            });
         }
     }
 

@@ -39,9 +39,28 @@ const SEEDS: &[&[u8]] = &[
 ];
 
 const TOKENS: &[&[u8]] = &[
-    b"\r\n", b"\n", b" ", b":", b"\t", b"\r\n\r\n", b"Content-Length: ", b"Transfer-Encoding: chunked\r\n",
-    b"Host: x\r\n", b"HTTP/1.1", b"0\r\n\r\n", b"ffffffff\r\n", b"-1", b"%00", b"\x00", b"\xff", b"GET ",
-    b"http://elsewhere/", b"CONNECT ", b"Via: 1.1 glance-shim\r\n", b"\r\n ", b"Content-Length: 99999999999999999999\r\n",
+    b"\r\n",
+    b"\n",
+    b" ",
+    b":",
+    b"\t",
+    b"\r\n\r\n",
+    b"Content-Length: ",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Host: x\r\n",
+    b"HTTP/1.1",
+    b"0\r\n\r\n",
+    b"ffffffff\r\n",
+    b"-1",
+    b"%00",
+    b"\x00",
+    b"\xff",
+    b"GET ",
+    b"http://elsewhere/",
+    b"CONNECT ",
+    b"Via: 1.1 glance-shim\r\n",
+    b"\r\n ",
+    b"Content-Length: 99999999999999999999\r\n",
 ];
 
 fn mutate(rng: &mut Rng) -> Vec<u8> {
@@ -92,7 +111,9 @@ enum Outcome {
 }
 
 async fn one_stream(addr: std::net::SocketAddr, bytes: Vec<u8>) -> Outcome {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else { return Outcome::Closed };
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return Outcome::Closed;
+    };
     let _ = stream.write_all(&bytes).await;
     let _ = stream.shutdown().await; // no more is coming: the shim must not wait for it
     let mut got = Vec::new();
@@ -123,7 +144,11 @@ async fn one_stream(addr: std::net::SocketAddr, bytes: Vec<u8>) -> Outcome {
         statuses.push(status);
         let len = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().ok()))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().ok())
+            })
             .flatten();
         let body_start = end + 4;
         // A response to HEAD has a Content-Length and no body: the next response follows at once.
@@ -150,7 +175,10 @@ fn accepted_connections(port: u16) -> usize {
         let text = std::fs::read_to_string(table).unwrap_or_default();
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = fields[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let local_port = fields[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
             if local_port == Some(port) && fields[3] != "0A" && fields[3] != "06" {
                 n += 1; // not LISTEN (0A) and not TIME_WAIT (06, no longer a descriptor)
             }
@@ -160,24 +188,44 @@ fn accepted_connections(port: u16) -> usize {
 }
 
 fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_random_and_mutated_streams() {
-    let count: usize = std::env::var("GLANCE_SHIM_FUZZ_STREAMS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let seed: u64 = std::env::var("GLANCE_SHIM_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        use std::hash::{BuildHasher, RandomState};
-        RandomState::new().hash_one(0u8) | 1
-    });
+    let count: usize = std::env::var("GLANCE_SHIM_FUZZ_STREAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let seed: u64 = std::env::var("GLANCE_SHIM_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            use std::hash::{BuildHasher, RandomState};
+            RandomState::new().hash_one(0u8) | 1
+        });
     eprintln!("seed {seed} (GLANCE_SHIM_FUZZ_SEED={seed} replays this run)");
     let echo = Echo::start().await;
-    let shim = Shim::start(&echo.port(), &["--header-timeout", "2s", "--stall-after", "0"]).await;
+    let shim = Shim::start(
+        &echo.port(),
+        &["--header-timeout", "2s", "--stall-after", "0"],
+    )
+    .await;
     let pid = shim.pid();
     // Warm up (pool, allocator) before the baseline.
     for _ in 0..50 {
@@ -189,12 +237,16 @@ async fn ten_thousand_random_and_mutated_streams() {
     let streams: Vec<Vec<u8>> = (0..count).map(|_| mutate(&mut rng)).collect();
     let mut outcomes = Vec::with_capacity(count);
     for batch in streams.chunks(64) {
-        let tasks: Vec<_> = batch.iter().map(|s| tokio::spawn(one_stream(shim.addr, s.clone()))).collect();
+        let tasks: Vec<_> = batch
+            .iter()
+            .map(|s| tokio::spawn(one_stream(shim.addr, s.clone())))
+            .collect();
         for (task, bytes) in tasks.into_iter().zip(batch) {
             outcomes.push((task.await.unwrap(), bytes));
         }
     }
-    let (mut closed, mut answered, mut statuses) = (0, 0, std::collections::BTreeMap::<u16, usize>::new());
+    let (mut closed, mut answered, mut statuses) =
+        (0, 0, std::collections::BTreeMap::<u16, usize>::new());
     for (outcome, bytes) in &outcomes {
         match outcome {
             Outcome::Closed => closed += 1,
@@ -204,7 +256,11 @@ async fn ten_thousand_random_and_mutated_streams() {
                     *statuses.entry(*s).or_default() += 1;
                     // 508 is the shim's own answer to a request that carries its Via (a loop).
                     let looped = *s == 508 && bytes.windows(11).any(|w| w == b"glance-shim");
-                    assert!(*s < 500 || looped, "status {s} for {:?}", String::from_utf8_lossy(bytes));
+                    assert!(
+                        *s < 500 || looped,
+                        "status {s} for {:?}",
+                        String::from_utf8_lossy(bytes)
+                    );
                 }
             }
             Outcome::Malformed(got) => panic!(
@@ -212,11 +268,19 @@ async fn ten_thousand_random_and_mutated_streams() {
                 String::from_utf8_lossy(got),
                 String::from_utf8_lossy(bytes)
             ),
-            Outcome::Hung => panic!("no answer and no close for {:?}", String::from_utf8_lossy(bytes)),
+            Outcome::Hung => panic!(
+                "no answer and no close for {:?}",
+                String::from_utf8_lossy(bytes)
+            ),
         }
     }
-    eprintln!("{count} streams: {closed} closed unanswered, {answered} answered, statuses {statuses:?}");
-    assert!(statuses.keys().any(|s| (400..500).contains(s)), "malformed input was answered 4xx");
+    eprintln!(
+        "{count} streams: {closed} closed unanswered, {answered} answered, statuses {statuses:?}"
+    );
+    assert!(
+        statuses.keys().any(|s| (400..500).contains(s)),
+        "malformed input was answered 4xx"
+    );
 
     // Still serving, and nothing left behind once the connections are gone.
     assert_eq!(get(shim.addr, "/after").await.0.status(), 200);
@@ -233,8 +297,18 @@ async fn ten_thousand_random_and_mutated_streams() {
     assert_eq!(left, 0, "client connections still open in the shim");
     let (fd_after, rss_after) = (fd_count(pid), rss_kib(pid));
     // Idle pooled upstream connections may remain (at most one per concurrent request).
-    assert!(fd_after <= fd_before + 64, "descriptors: {fd_before} before, {fd_after} after");
-    assert!(rss_after <= rss_before + 8 * 1024, "RSS: {rss_before} KiB before, {rss_after} KiB after");
+    assert!(
+        fd_after <= fd_before + 64,
+        "descriptors: {fd_before} before, {fd_after} after"
+    );
+    assert!(
+        rss_after <= rss_before + 8 * 1024,
+        "RSS: {rss_before} KiB before, {rss_after} KiB after"
+    );
     eprintln!("descriptors {fd_before} -> {fd_after}, RSS {rss_before} -> {rss_after} KiB");
-    assert!(shim.lines().iter().all(|l| !l.is_string() || !l.as_str().unwrap().contains("panicked")));
+    assert!(
+        shim.lines()
+            .iter()
+            .all(|l| !l.is_string() || !l.as_str().unwrap().contains("panicked"))
+    );
 }

@@ -527,9 +527,7 @@ async fn secrets_in_headers_and_bodies_reach_no_log_at_any_level_or_format() {
                 .find(|l| l.contains("listening"))
                 .and_then(|l| {
                     let at = l.find("127.0.0.1:")?;
-                    let end = l[at..]
-                        .find(['"', ' '])
-                        .map_or(l.len(), |e| at + e);
+                    let end = l[at..].find(['"', ' ']).map_or(l.len(), |e| at + e);
                     l[at..end].parse::<std::net::SocketAddr>().ok()
                 })
             {
