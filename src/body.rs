@@ -248,46 +248,42 @@ impl Drop for ResponseBody {
         let headers_ms = c.upstream_headers.map(millis);
         let upstream_id = c.upstream_id.as_deref();
         let status = c.status.as_u16();
-        if let Some(failure) = self.failure.take() {
-            warn!(
-                id = e.id.as_str(), method = e.method.as_str(), path = e.target.as_str(), status, bytes_in, bytes_out,
-                upstream_headers_ms = headers_ms, total_ms = millis(total), upstream_id,
-                error = %failure,
+        let failure = self.failure.take();
+        let (outcome, error) = match (&failure, ended, c.error.as_deref()) {
+            (Some(failure), _, _) => (
                 "failed: the response body broke off; the client's connection was aborted so the \
-                 transfer cannot look complete"
-            );
-        } else if !ended {
-            warn!(
-                id = e.id.as_str(),
-                method = e.method.as_str(),
-                path = e.target.as_str(),
-                status,
-                bytes_in,
-                bytes_out,
-                upstream_headers_ms = headers_ms,
-                total_ms = millis(total),
-                upstream_id,
-                "aborted: the client went away before the response was complete"
-            );
-        } else if let Some(error) = c.error.as_deref() {
-            warn!(
-                id = e.id.as_str(), method = e.method.as_str(), path = e.target.as_str(), status, bytes_in, bytes_out,
-                total_ms = millis(total), error = %error,
-                "completed by glance-shim itself"
-            );
+                 transfer cannot look complete",
+                Some(failure.as_str()),
+            ),
+            (None, false, _) => (
+                "aborted: the client went away before the response was complete",
+                None,
+            ),
+            (None, true, Some(error)) => ("completed by glance-shim itself", Some(error)),
+            (None, true, None) => ("completed", None),
+        };
+        // One line per request, however it ended; only a clean relay is INFO.
+        macro_rules! line {
+            ($level:ident) => {
+                $level!(
+                    id = e.id.as_str(),
+                    method = e.method.as_str(),
+                    path = e.target.as_str(),
+                    status,
+                    bytes_in,
+                    bytes_out,
+                    upstream_headers_ms = headers_ms,
+                    total_ms = millis(total),
+                    upstream_id,
+                    error,
+                    "{outcome}"
+                )
+            };
+        }
+        if outcome == "completed" {
+            line!(info);
         } else {
-            info!(
-                id = e.id.as_str(),
-                method = e.method.as_str(),
-                path = e.target.as_str(),
-                status,
-                bytes_in,
-                bytes_out,
-                upstream_headers_ms = headers_ms,
-                total_ms = millis(total),
-                upstream_id,
-                "completed"
-            );
+            line!(warn);
         }
     }
 }

@@ -261,6 +261,20 @@ pub struct Head {
 }
 
 impl Head {
+    /// A head from its bytes, blank line included.
+    pub fn parse(raw: Vec<u8>) -> Head {
+        let text = String::from_utf8_lossy(&raw[..raw.len() - 4]).into_owned();
+        let mut lines = text.split("\r\n");
+        let start = lines.next().unwrap_or("").to_owned();
+        let fields = lines
+            .map(|l| {
+                let (k, v) = l.split_once(':').unwrap_or((l, ""));
+                (k.to_owned(), v.trim().to_owned())
+            })
+            .collect();
+        Head { start, fields, raw }
+    }
+
     /// All values of a field, matched case-insensitively.
     pub fn all(&self, name: &str) -> Vec<&str> {
         self.fields
@@ -318,16 +332,7 @@ impl Conn {
         loop {
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 let raw: Vec<u8> = self.buf.drain(..end + 4).collect();
-                let text = String::from_utf8_lossy(&raw[..end]).into_owned();
-                let mut lines = text.split("\r\n");
-                let start = lines.next().unwrap().to_owned();
-                let fields = lines
-                    .map(|l| {
-                        let (k, v) = l.split_once(':').unwrap_or((l, ""));
-                        (k.to_owned(), v.trim().to_owned())
-                    })
-                    .collect();
-                return Head { start, fields, raw };
+                return Head::parse(raw);
             }
             assert!(
                 self.fill().await > 0,
@@ -832,24 +837,7 @@ pub async fn tls_roundtrip(
     let mut raw = Vec::new();
     tls.read_to_end(&mut raw).await?;
     let end = find(&raw, b"\r\n\r\n").expect("a response head");
-    let text = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let mut lines = text.split("\r\n");
-    let start = lines.next().unwrap().to_owned();
-    let fields = lines
-        .map(|l| {
-            let (k, v) = l.split_once(':').unwrap_or((l, ""));
-            (k.to_owned(), v.trim().to_owned())
-        })
-        .collect();
     let body = raw[end + 4..].to_vec();
-    Ok((
-        version,
-        alpn,
-        Head {
-            start,
-            fields,
-            raw: raw[..end + 4].to_vec(),
-        },
-        body,
-    ))
+    raw.truncate(end + 4);
+    Ok((version, alpn, Head::parse(raw), body))
 }
