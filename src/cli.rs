@@ -110,11 +110,17 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// A complete request head must arrive within this long, or the connection is closed: a client
-    /// trickling its headers, and an idle keep-alive connection waiting for its next request.
+    /// A request head must be complete this long after its first byte, or the connection is closed
+    /// (a client trickling its headers).
     #[arg(long, env = "GLANCE_SHIM_HEADER_TIMEOUT", value_name = "DURATION", default_value = "30s",
           value_parser = parse_nonzero_duration)]
     pub header_timeout: Duration,
+
+    /// A keep-alive connection with no request in progress is closed after this long. A request held
+    /// at a breakpoint is in progress: it is never timed out.
+    #[arg(long, env = "GLANCE_SHIM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s",
+          value_parser = parse_nonzero_duration)]
+    pub idle_timeout: Duration,
 
     /// Bytes a request head may have (request line and fields); more is answered 431.
     #[arg(long, env = "GLANCE_SHIM_MAX_HEADER_BYTES", value_name = "BYTES", default_value_t = 65536,
@@ -194,6 +200,7 @@ impl Args {
             limits: crate::config::Limits {
                 max_connections: self.max_connections as usize,
                 header_timeout: self.header_timeout,
+                idle_timeout: self.idle_timeout,
                 max_header_bytes: self.max_header_bytes as usize,
                 max_headers: self.max_headers as usize,
                 max_uri_bytes: self.max_uri_bytes as usize,
@@ -482,6 +489,8 @@ mod tests {
             "7",
             "--header-timeout",
             "5s",
+            "--idle-timeout",
+            "2m",
             "--max-header-bytes",
             "4096",
             "--max-headers",
@@ -491,6 +500,7 @@ mod tests {
         ]);
         assert_eq!(c.limits.max_connections, 7);
         assert_eq!(c.limits.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(120));
         assert_eq!(
             (
                 c.limits.max_header_bytes,
@@ -502,6 +512,7 @@ mod tests {
         for (flag, bad) in [
             ("--max-connections", "0"),
             ("--header-timeout", "0"),
+            ("--idle-timeout", "0s"),
             ("--max-header-bytes", "10"),
             ("--max-headers", "many"),
             ("--max-uri-bytes", "1"),

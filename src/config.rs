@@ -243,9 +243,11 @@ pub enum LogFormat {
 pub struct Limits {
     /// Connections open at once; more are answered 503 and closed.
     pub max_connections: usize,
-    /// A complete request head must arrive within this long: a client trickling its headers, or an
-    /// idle keep-alive connection, is closed after it.
+    /// A request head must be complete this long after its first byte: a client trickling its
+    /// headers is closed after it.
     pub header_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this long.
+    pub idle_timeout: Duration,
     /// Bytes in a request head (request line and fields); more is answered 431.
     pub max_header_bytes: usize,
     /// Fields in a request head; more is answered 431.
@@ -259,6 +261,7 @@ impl Default for Limits {
         Limits {
             max_connections: 1024,
             header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_uri_bytes: 8 * 1024,

@@ -7,6 +7,7 @@
 //! - [`config`] — the validated configuration and the address/duration types it is made of.
 //! - [`logging`] — the log's format and destination.
 //! - [`server`] — binding, the accept loop, HTTP/1.1 serving, the graceful drain.
+//! - [`keepalive`] — the head and idle timeouts of a client connection.
 //! - [`proxy`] — one request from arrival to response; maps failures to statuses.
 //! - [`headers`] — hop-by-hop removal, `Via`/`X-Forwarded-*`, `Host` rules, masking for the log.
 //! - [`correlation`] — `req-<uuid4>` ids and which id a request carries to glance.
@@ -17,8 +18,6 @@
 //! - [`signals`] — SIGTERM/SIGINT/SIGUSR1.
 //! - [`tls`] — PEM files to rustls configurations, for both sides.
 //! - [`uwsgi`] — the address in DevStack's glance-uwsgi.ini, for `--takeover`.
-//! - [`tls`] — PEM files to rustls configurations, for both sides.
-//! - [`uwsgi`] — the address in DevStack's glance-uwsgi.ini, for `--takeover`.
 
 pub mod body;
 pub mod cli;
@@ -27,6 +26,7 @@ pub mod correlation;
 pub mod error;
 pub mod headers;
 pub mod inflight;
+pub mod keepalive;
 pub mod logging;
 pub mod proxy;
 pub mod server;

@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Scheme};
 use crate::inflight::{self, Registry};
+use crate::keepalive::{Clock, Expired, Served};
 use crate::proxy::{Client, Proxy};
 use crate::upstream::{Connector, Health, Pool};
 
@@ -149,13 +150,15 @@ impl Server {
             // Responses are relayed as they come: no Date added where the upstream sent none.
             .auto_date_header(false)
             .keep_alive(true)
-            // hyper answers 431 past these, and closes a connection whose next request head does not
-            // arrive in time (a slow client, or an idle keep-alive connection).
+            // hyper answers 431 past these.
             .max_header_size(limits.max_header_bytes)
             .max_headers(limits.max_headers)
-            .header_read_timeout(limits.header_timeout);
+            // Its header-read timer also runs on idle connections; `keepalive` times both apart.
+            .header_read_timeout(None);
+        let (header_timeout, idle_timeout) = (limits.header_timeout, limits.idle_timeout);
         let graceful = GracefulShutdown::new();
         let handshake_failures = Arc::new(RateLimited::default());
+        let slow_heads = Arc::new(RateLimited::default());
         let over_limit = Arc::new(RateLimited::default());
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
 
@@ -194,12 +197,8 @@ impl Server {
             };
             let proxy = proxy.clone();
             let client = Client::new(peer);
-            let service = service_fn(move |req| {
-                let (proxy, client) = (proxy.clone(), client.clone());
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(client, req).await) }
-            });
             let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
-            let handshake_failures = handshake_failures.clone();
+            let (handshake_failures, slow_heads) = (handshake_failures.clone(), slow_heads.clone());
             tokio::spawn(async move {
                 let _slot = slot; // held for the life of the connection
                 let io = match tls {
@@ -211,9 +210,33 @@ impl Server {
                         }
                     }
                 };
-                let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
-                if let Err(e) = conn.await {
-                    debug!(client = %peer, error = %crate::body::error_chain(&e), "connection ended with an error");
+                let clock = Clock::new();
+                let service = {
+                    let clock = clock.clone();
+                    service_fn(move |req| {
+                        let serving = clock.serve();
+                        let (proxy, client) = (proxy.clone(), client.clone());
+                        async move {
+                            let response = proxy.handle(client, req).await;
+                            Ok::<_, std::convert::Infallible>(
+                                response.map(|body| Served::new(body, serving)),
+                            )
+                        }
+                    })
+                };
+                let io = TokioIo::new(ClientIo {
+                    stream: io,
+                    clock: clock.clone(),
+                });
+                let conn = watcher.watch(http.serve_connection(io, service));
+                tokio::select! {
+                    ended = conn => if let Err(e) = ended {
+                        debug!(client = %peer, error = %crate::body::error_chain(&e), "connection ended with an error");
+                    },
+                    expired = clock.expired(header_timeout, idle_timeout) => match expired {
+                        Expired::Head => slow_heads.warn(peer, &format!("closed a connection: {expired} ({} s)", header_timeout.as_secs_f64())),
+                        Expired::Idle => debug!(client = %peer, "closed a connection: {expired}"),
+                    },
                 }
             });
         }
@@ -258,26 +281,38 @@ enum ClientStream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl AsyncRead for ClientStream {
+/// A client connection as hyper sees it: reads also drive its phase clock.
+struct ClientIo {
+    stream: ClientStream,
+    clock: Arc<Clock>,
+}
+
+impl AsyncRead for ClientIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = match &mut this.stream {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if buf.filled().len() > before {
+            this.clock.read();
         }
+        read
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl AsyncWrite for ClientIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
+        match &mut self.get_mut().stream {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -288,28 +323,28 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
+        match &mut self.get_mut().stream {
             ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
+        match &self.stream {
             ClientStream::Plain(s) => s.is_write_vectored(),
             ClientStream::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
+        match &mut self.get_mut().stream {
             ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
+        match &mut self.get_mut().stream {
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

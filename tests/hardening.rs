@@ -77,40 +77,109 @@ async fn oversized_heads_and_targets_get_431_and_414() {
     assert_eq!(echo.requests().len(), 1);
 }
 
+/// How long after `since` the shim closed `conn`.
+async fn closed_after(conn: &mut Conn, since: Instant) -> Duration {
+    assert!(conn.closed().await, "the shim answered instead of closing");
+    since.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
     let echo = Echo::start().await;
-    let shim = Shim::start(&echo.port(), &["--header-timeout", "1s"]).await;
-    // Trickles a byte at a time, never finishing its head.
-    let started = Instant::now();
+    let shim = Shim::start(
+        &echo.port(),
+        &["--header-timeout", "1s", "--idle-timeout", "3s"],
+    )
+    .await;
+    // Trickles a byte every 100 ms, never finishing its head: closed a second after its first byte.
     let mut slow = Conn::connect(shim.addr).await;
+    let started = Instant::now();
     slow.write(b"GET / HTTP/1.1\r\n").await;
-    let trickle = async {
-        for _ in 0..50 {
-            if slow.stream.write_all(b"X").await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..50 {
+        if slow.stream.write_all(b"X").await.is_err() {
+            break;
         }
-    };
-    trickle.await;
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, slow.stream.read_to_end(&mut rest))
-        .await
-        .expect("closed");
-    let held = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held = closed_after(&mut slow, started).await;
     assert!(
-        held < Duration::from_secs(4),
+        held < Duration::from_millis(2500),
         "the slow client was held {held:?}"
     );
+
+    // Connected and silent: idle, so closed after --idle-timeout, not --header-timeout.
+    let mut silent = Conn::connect(shim.addr).await;
+    let held = closed_after(&mut silent, Instant::now()).await;
+    assert!(
+        held > Duration::from_millis(2500) && held < Duration::from_millis(4500),
+        "a silent connection was closed after {held:?}"
+    );
+
+    // Idle after a request, then the next head starts but never ends: timed from its first byte.
+    let mut late = Conn::connect(shim.addr).await;
+    late.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    let head = late.read_head().await;
+    late.read_body(&head).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let first_byte = Instant::now();
+    late.send("GET /b HTTP/1.1\r\n").await;
+    let held = closed_after(&mut late, first_byte).await;
+    assert!(
+        held > Duration::from_millis(700) && held < Duration::from_millis(1800),
+        "a late, incomplete head was closed {held:?} after its first byte"
+    );
+
     // An idle keep-alive connection after one request.
     let mut idle = Conn::connect(shim.addr).await;
     idle.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
     let head = idle.read_head().await;
     idle.read_body(&head).await;
-    let started = Instant::now();
-    assert!(idle.closed().await);
-    assert!(started.elapsed() < Duration::from_secs(3));
+    let held = closed_after(&mut idle, Instant::now()).await;
+    assert!(
+        held > Duration::from_millis(2500) && held < Duration::from_millis(4500),
+        "an idle keep-alive connection was closed after {held:?}"
+    );
+    let lines = shim.lines();
+    let slow_heads = lines
+        .iter()
+        .filter(|l| msg(l).contains("did not arrive within --header-timeout"))
+        .count();
+    assert!(slow_heads >= 1, "{}", shim.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_longer_than_every_timeout_is_not_cut_off() {
+    // glance at a breakpoint: no byte moves for longer than either timeout, before the response head
+    // and again in the middle of its body.
+    let upstream = RawUpstream::bind().await;
+    let shim = Shim::start(
+        &upstream.port(),
+        &["--header-timeout", "1s", "--idle-timeout", "1s"],
+    )
+    .await;
+    let mut client = Conn::connect(shim.addr).await;
+    client
+        .send("GET /v2/images HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await;
+    let mut glance = upstream.accept().await;
+    glance.read_head().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    glance
+        .send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        .await;
+    let head = client.read_head().await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(client.read_exact(5).await, b"hello");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    glance.send("world").await;
+    assert_eq!(client.read_exact(5).await, b"world");
+    // The connection is still good for the next request.
+    client
+        .send("GET /v2/images HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await;
+    glance.read_head().await;
+    glance.send("HTTP/1.1 204 No Content\r\n\r\n").await;
+    assert_eq!(client.read_head().await.status(), 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1032,6 +1032,39 @@ async fn a_bad_flag_is_one_line_and_exit_2() {
     );
 }
 
+#[test]
+fn every_flag_and_variable_in_help_is_in_the_readme_table() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glance-shim"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table: String = readme
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut checked = 0;
+    for word in help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
+        let flag =
+            word.starts_with("--") && word.len() > 2 && !matches!(word, "--help" | "--version");
+        let variable = word.starts_with("GLANCE_SHIM_");
+        if flag || variable {
+            assert!(
+                table.contains(&format!("`{word}")),
+                "{word} is not in README's flags table"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 30,
+        "only {checked} flags and variables found in:\n{help}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flags_can_come_from_the_environment() {
     let echo = Echo::start().await;
