@@ -86,27 +86,26 @@ impl Clock {
     /// Completes when the connection has waited too long in its current phase. Never completes while
     /// a request is being served.
     pub async fn expired(&self, header_timeout: Duration, idle_timeout: Duration) -> Expired {
-        // Wakes at least every `header_timeout`, so a head that starts during a long idle wait is
-        // still timed from its first byte.
+        // Phases change without waking this loop, so it looks again at least every `shortest`. Any
+        // new phase's deadline is at least that far from its start, so it is never passed unseen.
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let shortest = ms(header_timeout.min(idle_timeout));
         loop {
-            let now = self.now_ms();
-            let sleep_ms = if self.serving.load(Ordering::Acquire) > 0 {
-                ms(header_timeout)
-            } else {
+            let mut sleep_ms = shortest;
+            if self.serving.load(Ordering::Acquire) == 0 {
                 let wait = self.wait.load(Ordering::Acquire);
-                let (since, phase) = (wait >> 1, wait & HEAD_STARTED);
-                let (limit, expired) = if phase == HEAD_STARTED {
+                let (limit, expired) = if wait & HEAD_STARTED != 0 {
                     (ms(header_timeout), Expired::Head)
                 } else {
                     (ms(idle_timeout), Expired::Idle)
                 };
-                let deadline = since.saturating_add(limit);
+                let deadline = (wait >> 1).saturating_add(limit);
+                let now = self.now_ms();
                 if now >= deadline {
                     return expired;
                 }
-                (deadline - now).min(ms(header_timeout))
-            };
+                sleep_ms = sleep_ms.min(deadline - now);
+            }
             tokio::time::sleep(Duration::from_millis(sleep_ms.max(1))).await;
         }
     }
@@ -216,6 +215,43 @@ mod tests {
         let (why, after) = expires_after(&clock).await;
         assert_eq!(why, Expired::Idle);
         assert!(about(after, 3601 + 10), "{after:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_head_timeout_is_kept_after_a_long_request() {
+        let clock = Clock::new();
+        let serving = clock.serve();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            drop(serving);
+        });
+        let start = tokio::time::Instant::now();
+        let why = clock
+            .expired(Duration::from_secs(30), Duration::from_secs(1))
+            .await;
+        assert_eq!(why, Expired::Idle);
+        assert!(about(start.elapsed(), 100 + 1), "{:?}", start.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_request_after_a_slow_head_start_still_ends_in_a_short_idle_wait() {
+        let clock = Clock::new();
+        clock.read(); // the head starts; its deadline is 30 s away
+        let server = clock.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(server.serve()); // served at once
+        });
+        let start = tokio::time::Instant::now();
+        let why = clock
+            .expired(Duration::from_secs(30), Duration::from_secs(1))
+            .await;
+        assert_eq!(why, Expired::Idle);
+        assert!(
+            start.elapsed() < Duration::from_millis(1150),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
