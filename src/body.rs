@@ -1,148 +1,318 @@
-//! The two streaming bodies: the client's request body on its way to the upstream, and the response on
-//! its way back. Both pass frames through untouched, count bytes and record progress for the stall
-//! watchdog; the response body also owns the request's in-flight [`Guard`] and writes the completion
-//! line when it is dropped, so every request is logged exactly once however it ends.
+//! The two streaming bodies: the client's request body on its way to glance, and the response on its
+//! way back. Both pass frames through untouched and write what moved into the request's [`Exchange`];
+//! the response body owns the request's [`ExchangeGuard`], so the request ends (and its completion
+//! line is written) when hyper is done with the response, however that happened.
+//!
+//! The request body also holds back a body announced with `Expect: 100-continue` until glance asks for
+//! it (see [`ContinueGate`]): a client is never made to send a body glance refused unread.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
-use http::StatusCode;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::time::{Instant, Sleep};
-use tracing::{info, warn};
+use tokio::time::Sleep;
 
-use crate::inflight::{Entry, Guard, Phase, Waiting};
-use crate::upstream::Lease;
+use crate::exchange::{Continue, Exchange, ExchangeGuard, Mark, Outcome, Waiting};
+use crate::upstream::Health;
+
+/// How long glance may take to answer `Expect: 100-continue` before the body is sent anyway: what
+/// curl waits before it sends its body unasked.
+pub const EXPECT_WAIT: Duration = Duration::from_secs(1);
+
+/// The largest piece of a request body sent on at once. A chunked upload leaves the shim in chunks no
+/// larger than this, well under the 1 MiB uWSGI's `chunked-input-limit` refuses by default, whatever
+/// the size of the client's chunks (glanceclient sends exactly 1 MiB).
+pub const MAX_FRAME: usize = 256 * 1024;
+const _: () = assert!(MAX_FRAME < 1 << 20);
+
+/// The error a body ends with when it cannot go on; hyper then aborts the connection it was going to,
+/// so a truncated transfer never looks complete.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client's request body, forwarded frame by frame.
-#[derive(Debug)]
 pub struct RequestBody {
     inner: Incoming,
-    entry: Arc<Entry>,
+    exchange: Arc<Exchange>,
+    /// Set while a body announced with `Expect: 100-continue` is held back.
+    gate: Option<ContinueGate>,
+    /// What is left of a received frame larger than [`MAX_FRAME`].
+    rest: Option<Bytes>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, entry: Arc<Entry>) -> RequestBody {
-        RequestBody { inner, entry }
+    pub fn new(
+        inner: Incoming,
+        exchange: Arc<Exchange>,
+        gate: Option<ContinueGate>,
+    ) -> RequestBody {
+        RequestBody {
+            inner,
+            exchange,
+            gate,
+            rest: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("id", &self.exchange.id)
+            .field("gated", &self.gate.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Pending => self.entry.waiting_on(Waiting::Client),
+        let this = &mut *self;
+        if let Some(rest) = &mut this.rest {
+            let piece = if rest.len() > MAX_FRAME {
+                rest.split_to(MAX_FRAME)
+            } else {
+                this.rest.take().unwrap_or_default()
+            };
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        if let Some(gate) = &mut this.gate {
+            match gate.poll_open(cx) {
+                Poll::Pending => {
+                    this.exchange.waiting_on(Waiting::Upstream);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Ok(how)) => {
+                    this.exchange.set_expect(how);
+                    this.gate = None;
+                }
+            }
+        }
+        // The first poll of a body that came with `Expect: 100-continue` is what makes hyper send the
+        // client its `100 Continue`.
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let exchange = &this.exchange;
+        match polled {
+            Poll::Pending => {
+                exchange.waiting_on(Waiting::Client);
+                Poll::Pending
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.entry
-                        .bytes_in
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    exchange.add_bytes_in(data.len() as u64);
                 }
-                self.entry.progress(Waiting::Upstream);
+                exchange.progress(Waiting::Upstream);
+                // hyper stops polling once the body says it has ended, so the end is seen here.
+                if this.inner.is_end_stream() {
+                    exchange.request_body_done();
+                }
+                match frame.into_data() {
+                    Ok(mut data) if data.len() > MAX_FRAME => {
+                        this.rest = Some(data.split_off(MAX_FRAME));
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                }
             }
-            Poll::Ready(Some(Err(_))) => {
-                self.entry.client_body_failed.store(true, Ordering::Relaxed);
-                self.entry.waiting_on(Waiting::Upstream);
+            Poll::Ready(Some(Err(e))) => {
+                let why = format!("the client's body broke off: {}", crate::error::chain(&e));
+                exchange.end(Outcome::ClientGone, Some(why));
+                Poll::Ready(Some(Err(e.into())))
             }
-            Poll::Ready(None) => self.entry.waiting_on(Waiting::Upstream),
+            Poll::Ready(None) => {
+                exchange.request_body_done();
+                Poll::Ready(None)
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let held = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
     }
 }
 
-/// Everything the completion line needs, held until the response body is done.
-#[derive(Debug)]
-pub struct Completion {
-    pub guard: Guard,
-    pub status: StatusCode,
-    /// Time from arrival to the upstream's response headers; `None` when the shim answered itself.
-    pub upstream_headers: Option<Duration>,
-    /// The `x-openstack-request-id` the upstream answered with.
-    pub upstream_id: Option<String>,
-    /// Why the shim answered itself (502, 504, 400...).
-    pub error: Option<String>,
+// ---------------------------------------------------------------------------------------------
+// Expect: 100-continue
+
+const WAITING: u8 = 0;
+/// glance answered `100 Continue`, or was given long enough to.
+const GO: u8 = 1;
+/// glance gave its final answer while the body was held back: it will never be sent.
+const ANSWERED: u8 = 2;
+/// ... and that answer has been relayed: the body gives up, which closes the upstream connection.
+const ABANDONED: u8 = 3;
+
+/// What glance said about a held-back body, shared by the request body, the callback hyper calls for
+/// a `1xx` answer, and the proxy.
+#[derive(Debug, Default)]
+pub struct ContinueSignal {
+    state: AtomicU8,
+    waker: AtomicWaker,
 }
+
+impl ContinueSignal {
+    fn set(&self, from: u8, to: u8) {
+        if self
+            .state
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.waker.wake();
+        }
+    }
+
+    /// glance answered `100 Continue`.
+    pub fn go(&self) {
+        self.set(WAITING, GO);
+    }
+
+    /// glance's final answer came while the body was still held back; returns whether it was.
+    pub fn answered(&self) -> bool {
+        self.state
+            .compare_exchange(WAITING, ANSWERED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The final answer has been relayed: a body still held back is given up.
+    pub fn abandon(&self) {
+        self.set(ANSWERED, ABANDONED);
+    }
+}
+
+/// Holds a request body back until glance answers `100 Continue`, or says nothing for
+/// [`EXPECT_WAIT`] (uWSGI never answers it), or gives its final answer first. Until then the client,
+/// which waits for a `100 Continue` before it sends, is not asked for the body.
+pub struct ContinueGate {
+    signal: Arc<ContinueSignal>,
+    timer: Pin<Box<Sleep>>,
+    health: Arc<Health>,
+}
+
+impl ContinueGate {
+    pub fn new(signal: Arc<ContinueSignal>, health: Arc<Health>) -> ContinueGate {
+        ContinueGate {
+            signal,
+            timer: Box::pin(tokio::time::sleep(EXPECT_WAIT)),
+            health,
+        }
+    }
+
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<Result<Continue, BodyError>> {
+        self.signal.waker.register(cx.waker());
+        match self.signal.state.load(Ordering::Acquire) {
+            GO => Poll::Ready(Ok(Continue::Relayed)),
+            ANSWERED => Poll::Pending,
+            ABANDONED => Poll::Ready(Err(
+                "glance answered before it asked for the request body; the body was not sent"
+                    .into(),
+            )),
+            _ => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    if self
+                        .signal
+                        .state
+                        .compare_exchange(WAITING, GO, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        // glance spoke meanwhile: go by what it said.
+                        return self.poll_open(cx);
+                    }
+                    self.health.upstream_ignores_expect();
+                    Poll::Ready(Ok(Continue::TimedOut))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The response
 
 /// Where the response bytes come from.
 enum Source {
-    /// The upstream's body, and its first frame when it was read before the head was relayed.
-    Upstream(Incoming, Option<Frame<Bytes>>),
-    /// A response the shim made itself (error bodies).
-    Full(Option<Bytes>),
+    /// glance's response body.
+    Relay(Incoming),
+    /// An answer the shim made itself.
+    Own(Option<Bytes>),
 }
 
-/// The response body sent to the client.
+/// The response body sent to the client. Owns the request's [`ExchangeGuard`].
 pub struct ResponseBody {
     source: Source,
-    completion: Option<Completion>,
-    /// The upstream connection, returned to the pool when the body ends cleanly.
-    lease: Option<Lease>,
-    /// With `--upstream-timeout`: fires when the upstream has sent nothing for that long mid-body.
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    guard: ExchangeGuard,
+    /// Set when glance answered while the request body was still held back for its 100 Continue.
+    held_back: Option<Arc<ContinueSignal>>,
+    /// False until hyper has had a chance to send the head (the body said Pending once, or gave a
+    /// frame).
+    head_out: bool,
+    /// A failure that came before the head was out: given to hyper once it is.
+    failed_early: Option<BodyError>,
     ended: bool,
-    failure: Option<String>,
 }
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseBody")
+            .field("id", &self.guard.exchange().id)
             .field("ended", &self.ended)
             .finish_non_exhaustive()
     }
 }
 
-/// The error a response body ends with when the upstream fails mid-body; the server then aborts the
-/// connection rather than ending the body cleanly, so a truncated transfer never looks complete.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-
 impl ResponseBody {
-    /// Streams an upstream response; `first` is its first frame if it was already read.
-    pub fn upstream(
+    /// Relays glance's response body.
+    pub fn relay(
         inner: Incoming,
-        first: Option<Frame<Bytes>>,
-        completion: Completion,
-        lease: Option<Lease>,
-        idle_timeout: Option<Duration>,
+        guard: ExchangeGuard,
+        held_back: Option<Arc<ContinueSignal>>,
     ) -> Self {
-        completion.guard.entry.set_phase(Phase::Streaming);
         ResponseBody {
-            source: Source::Upstream(inner, first),
-            completion: Some(completion),
-            lease,
-            idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            source: Source::Relay(inner),
+            guard,
+            held_back,
+            head_out: false,
+            failed_early: None,
             ended: false,
-            failure: None,
         }
     }
 
-    /// A body the shim wrote itself.
-    pub fn full(bytes: Bytes, completion: Option<Completion>) -> Self {
+    /// An answer of the shim's own; the exchange's outcome is already settled.
+    pub fn own(bytes: Bytes, guard: ExchangeGuard) -> Self {
         ResponseBody {
-            source: Source::Full(Some(bytes)),
-            completion,
-            lease: None,
-            idle: None,
+            source: Source::Own(Some(bytes)),
+            guard,
+            held_back: None,
+            head_out: true,
+            failed_early: None,
             ended: false,
-            failure: None,
         }
+    }
+
+    fn exchange(&self) -> &Exchange {
+        self.guard.exchange()
     }
 }
 
@@ -155,46 +325,50 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(e) = this.failed_early.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let polled = match &mut this.source {
-            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream(_, first @ Some(_)) => Poll::Ready(first.take().map(Ok)),
-            Source::Upstream(inner, None) => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BodyError::from))),
-                Poll::Pending => {
-                    if let Some((limit, sleep)) = &mut this.idle
-                        && sleep.as_mut().poll(cx).is_ready()
-                    {
-                        let msg = format!(
-                            "the upstream sent nothing for {:.1} s in the middle of the body \
-                             (--upstream-timeout)",
-                            limit.as_secs_f64()
-                        );
-                        Poll::Ready(Some(Err(BodyError::from(msg))))
-                    } else {
-                        Poll::Pending
-                    }
+            Source::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Relay(inner) => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    let outcome = crate::error::classify_upstream(&e).outcome();
+                    this.guard
+                        .exchange()
+                        .end(outcome, Some(crate::error::chain(&e)));
+                    Poll::Ready(Some(Err(e.into())))
                 }
+                Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(BodyError::from))),
+                Poll::Pending => match this.guard.exchange().poll_cut_off(cx) {
+                    Poll::Ready(outcome) => Poll::Ready(Some(Err(BodyError::from(format!(
+                        "the response was cut off ({})",
+                        outcome.as_str()
+                    ))))),
+                    Poll::Pending => Poll::Pending,
+                },
             },
         };
-        let entry = this.completion.as_ref().map(|c| &c.guard.entry);
+        let exchange = this.guard.exchange();
+        let head_was_out = std::mem::replace(&mut this.head_out, true);
         match &polled {
-            Poll::Pending => {
-                if let Some(e) = entry {
-                    e.waiting_on(Waiting::Upstream);
+            Poll::Ready(Some(Err(_))) if !head_was_out => {
+                // hyper sends the head with the first body bytes, and drops it if the body fails
+                // first. Say Pending once, so that the head glance sent goes out before the abort.
+                if let Poll::Ready(Some(Err(e))) = polled {
+                    this.failed_early = Some(e);
                 }
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
+            Poll::Pending => exchange.waiting_on(Waiting::Upstream),
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(e) = entry {
-                    if let Some(data) = frame.data_ref() {
-                        e.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    }
-                    e.progress(Waiting::Client);
+                if let Some(data) = frame.data_ref() {
+                    exchange.mark(Mark::FirstResponseByte);
+                    exchange.add_bytes_out(data.len() as u64);
                 }
-                if let Some((limit, sleep)) = &mut this.idle {
-                    sleep.as_mut().reset(Instant::now() + *limit);
-                }
+                exchange.progress(Waiting::Client);
             }
-            Poll::Ready(Some(Err(e))) => this.failure = Some(error_chain(e.as_ref())),
+            Poll::Ready(Some(Err(_))) => {}
             Poll::Ready(None) => this.ended = true,
         }
         polled
@@ -202,108 +376,30 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.source {
-            Source::Full(bytes) => bytes.is_none(),
-            Source::Upstream(inner, first) => first.is_none() && inner.is_end_stream(),
+            Source::Own(bytes) => bytes.is_none(),
+            Source::Relay(inner) => inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.source {
-            Source::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Source::Full(None) => SizeHint::with_exact(0),
-            Source::Upstream(inner, first) => {
-                let held = first
-                    .as_ref()
-                    .and_then(Frame::data_ref)
-                    .map_or(0, |d| d.len() as u64);
-                let rest = inner.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + held);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + held);
-                }
-                hint
-            }
+            Source::Own(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Source::Own(None) => SizeHint::with_exact(0),
+            Source::Relay(inner) => inner.size_hint(),
         }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // hyper stops polling once `is_end_stream` says so, so "ended" cannot wait for a `None`.
-        let ended = self.ended || self.is_end_stream();
-        if let Some(lease) = self.lease.take()
-            && ended
-            && self.failure.is_none()
-        {
-            lease.release();
+        // hyper stops polling once `is_end_stream` says so, so the end cannot wait for a `None`.
+        if self.ended || self.is_end_stream() {
+            self.exchange().end(Outcome::Completed, None);
         }
-        let Some(c) = self.completion.take() else {
-            return;
-        };
-        let e = &c.guard.entry;
-        let total = e.started.elapsed();
-        let bytes_in = e.bytes_in.load(Ordering::Relaxed);
-        let bytes_out = e.bytes_out.load(Ordering::Relaxed);
-        let headers_ms = c.upstream_headers.map(millis);
-        let upstream_id = c.upstream_id.as_deref();
-        let status = c.status.as_u16();
-        let failure = self.failure.take();
-        let (outcome, error) = match (&failure, ended, c.error.as_deref()) {
-            (Some(failure), _, _) => (
-                "failed: the response body broke off; the client's connection was aborted so the \
-                 transfer cannot look complete",
-                Some(failure.as_str()),
-            ),
-            (None, false, _) => (
-                "aborted: the client went away before the response was complete",
-                None,
-            ),
-            (None, true, Some(error)) => ("completed by glance-shim itself", Some(error)),
-            (None, true, None) => ("completed", None),
-        };
-        // One line per request, however it ended; only a clean relay is INFO.
-        macro_rules! line {
-            ($level:ident) => {
-                $level!(
-                    id = e.id.as_str(),
-                    method = e.method.as_str(),
-                    path = e.target.as_str(),
-                    status,
-                    bytes_in,
-                    bytes_out,
-                    upstream_headers_ms = headers_ms,
-                    total_ms = millis(total),
-                    upstream_id,
-                    error,
-                    "{outcome}"
-                )
-            };
-        }
-        if outcome == "completed" {
-            line!(info);
-        } else {
-            line!(warn);
+        // Otherwise the client went away, unless something else already ended the request: the
+        // guard settles that when it drops, right after this.
+        if let Some(signal) = &self.held_back {
+            signal.abandon();
         }
     }
-}
-
-/// Milliseconds with a tenth, as a log field.
-pub fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
-}
-
-/// An error and its causes on one line: hyper's `Display` shows only the outermost level.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }

@@ -6,9 +6,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
-use crate::config::{Config, HostPort, LogFormat, Scheme, TlsFiles, Upstream, parse_duration};
+use crate::config::{
+    AddrError, Config, ConfigError, HostPort, LogFormat, Scheme, TlsFiles, Upstream,
+    parse_duration, parse_nonzero_duration,
+};
 use crate::uwsgi;
 
 const EXAMPLES: &str = "\
@@ -156,35 +159,29 @@ pub struct Args {
     pub log_headers: bool,
 }
 
-fn parse_listen(s: &str) -> Result<HostPort, String> {
+fn parse_listen(s: &str) -> Result<HostPort, AddrError> {
     HostPort::parse(s, true)
-}
-
-fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("must be more than 0 (leave it unset to wait forever)".into()),
-        d => Ok(d),
-    }
 }
 
 impl Args {
     /// Validates what single flags cannot and builds the configuration.
-    pub fn into_config(self) -> Result<Config, String> {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
         let listen = match (self.listen, &self.takeover) {
             (Some(listen), _) => listen,
-            (None, Some(ini)) => uwsgi::http_address(ini).map_err(|e| format!("--takeover {e}"))?,
-            (None, None) => return Err("--listen or --takeover is needed".into()),
+            (None, Some(ini)) => uwsgi::http_address(ini).map_err(ConfigError::Takeover)?,
+            (None, None) => return Err(ConfigError::NoListen),
         };
-        let upstream = match self.upstream {
-            Some(upstream) => upstream,
-            // glance-api's own default bind_port: where a debug glance listens unless told otherwise.
-            None => Upstream::parse("9292")?,
-        };
+        // glance-api's own default bind_port: where a debug glance listens unless told otherwise.
+        let upstream = self.upstream.unwrap_or_else(|| Upstream {
+            scheme: Scheme::Http,
+            addr: HostPort {
+                host: crate::config::Host::Ip(std::net::Ipv4Addr::LOCALHOST.into()),
+                port: 9292,
+            },
+        });
         if upstream.scheme == Scheme::Http && (self.upstream_ca.is_some() || self.upstream_insecure)
         {
-            return Err(format!(
-                "--upstream-ca and --upstream-insecure apply to an https upstream; --upstream is {upstream}"
-            ));
+            return Err(ConfigError::UpstreamTlsOnHttp(upstream));
         }
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -235,10 +232,31 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    match Args::try_parse_from(args) {
+    parse_with(Args::command(), args)
+}
+
+/// The same, with every environment fallback off: what the arguments alone say, whatever the shell
+/// exports (for tests, and for checking the command lines the docs show).
+pub fn parse_args_only<I, T>(args: I) -> Parsed
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    parse_with(Args::command().mut_args(|arg| arg.env(None)), args)
+}
+
+fn parse_with<I, T>(command: clap::Command, args: I) -> Parsed
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let parsed = command
+        .try_get_matches_from(args)
+        .and_then(|matches| Args::from_arg_matches(&matches));
+    match parsed {
         Ok(args) => match args.into_config() {
             Ok(config) => Parsed::Run(Box::new(config)),
-            Err(msg) => Parsed::Usage(format!("glance-shim: {}", without_controls(&msg))),
+            Err(e) => Parsed::Usage(format!("glance-shim: {}", without_controls(&e.to_string()))),
         },
         Err(err) => match err.kind() {
             clap::error::ErrorKind::DisplayHelp
@@ -286,13 +304,9 @@ fn one_line(rendered: &str) -> String {
 mod tests {
     use super::*;
 
-    // Environment variables are process-wide: these tests only use argv, and `with_env` runs the few
-    // that need the environment one at a time.
-    static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
+    // The arguments alone: whatever GLANCE_SHIM_* variables the shell running the tests exports.
     fn run(args: &[&str]) -> Parsed {
-        let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        parse(std::iter::once("glance-shim").chain(args.iter().copied()))
+        parse_args_only(std::iter::once("glance-shim").chain(args.iter().copied()))
     }
 
     fn config(args: &[&str]) -> Config {
@@ -576,53 +590,11 @@ mod tests {
 
     #[test]
     fn help_shows_both_topologies() {
-        let Parsed::Print(help) = run(&["--help"]) else {
+        let Parsed::Print(help) = parse(["glance-shim", "--help"]) else {
             panic!("--help must print")
         };
         assert!(help.contains("--listen 9292 --upstream 60999"), "{help}");
         assert!(help.contains("--listen 60999 --upstream 9292"), "{help}");
         assert!(help.contains("GLANCE_SHIM_LISTEN"), "{help}");
-    }
-
-    #[test]
-    fn flags_come_from_the_environment() {
-        let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: ENV_LOCK serialises every test in this module that reads the environment, and no
-        // other code in this test binary reads these variables.
-        unsafe {
-            std::env::set_var("GLANCE_SHIM_LISTEN", "60999");
-            std::env::set_var("GLANCE_SHIM_UPSTREAM", "9292");
-            std::env::set_var("GLANCE_SHIM_LOG_HEADERS", "true");
-            std::env::set_var("GLANCE_SHIM_STALL_AFTER", "1s");
-        }
-        let parsed = parse(["glance-shim"]);
-        let bad = {
-            unsafe { std::env::set_var("GLANCE_SHIM_STALL_AFTER", "later") };
-            parse(["glance-shim"])
-        };
-        unsafe {
-            for v in [
-                "GLANCE_SHIM_LISTEN",
-                "GLANCE_SHIM_UPSTREAM",
-                "GLANCE_SHIM_LOG_HEADERS",
-                "GLANCE_SHIM_STALL_AFTER",
-            ] {
-                std::env::remove_var(v);
-            }
-        }
-        let Parsed::Run(c) = parsed else {
-            panic!("expected a config, got {parsed:?}")
-        };
-        assert_eq!(c.listen.port, 60999);
-        assert_eq!(c.upstream.addr.port, 9292);
-        assert!(c.log_headers);
-        assert_eq!(c.stall_after, Some(Duration::from_secs(1)));
-        let Parsed::Usage(line) = bad else {
-            panic!("expected a usage error, got {bad:?}")
-        };
-        assert!(
-            line.contains("--stall-after") && line.contains("later"),
-            "{line}"
-        );
     }
 }

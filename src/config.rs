@@ -8,6 +8,56 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Why an address given to `--listen` or `--upstream` cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("empty address; expected PORT, HOST:PORT or [IPv6]:PORT")]
+    Empty,
+    #[error("'{0}' is not [IPv6]:PORT")]
+    Brackets(String),
+    #[error("'{0}' is not an IPv6 address")]
+    NotIpv6(String),
+    #[error("'{0}' in brackets is not an IPv6 address")]
+    BracketedNotIpv6(String),
+    #[error("'{0}' is not a port, HOST:PORT or [IPv6]:PORT (a bare host needs a port)")]
+    NoPort(String),
+    #[error("'{input}': an IPv6 address must be written in brackets, as [{host}]:{port}")]
+    Ipv6NeedsBrackets {
+        input: String,
+        host: String,
+        port: String,
+    },
+    #[error("missing host before ':'")]
+    MissingHost,
+    #[error("'{0}' is neither an IP address nor a host name")]
+    BadHost(String),
+    #[error("'{0}' is not a port number")]
+    BadPort(String),
+    #[error("port {0} is out of range (1-65535)")]
+    PortRange(String),
+    #[error("port 0 is not a port anything listens on")]
+    PortZero,
+    #[error("unsupported scheme '{0}'; use http://HOST:PORT or https://HOST:PORT")]
+    Scheme(String),
+    #[error(
+        "'{0}' has a path; glance-shim forwards paths untouched, so give only SCHEME://HOST:PORT"
+    )]
+    HasPath(String),
+    #[error("credentials in the upstream URL are not supported")]
+    Credentials,
+    #[error("'{input}' has no port; write it as {scheme}://HOST:PORT")]
+    UrlWithoutPort { input: String, scheme: &'static str },
+}
+
+/// Why a duration flag's value cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("'{input}' is not a duration ({reason}); expected e.g. 500ms, 5s, 2m, 1h or 1m30s")]
+    Invalid { input: String, reason: String },
+    #[error("must be more than 0 (leave it unset to wait forever)")]
+    Zero,
+}
+
 /// A host as the user wrote it: an IP literal, or a name resolved when it is used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Host {
@@ -25,38 +75,38 @@ pub struct HostPort {
 impl HostPort {
     /// Parses `PORT`, `HOST:PORT` or `[IPv6]:PORT`. `allow_port_zero` is for `--listen`, where 0 means
     /// "any free port" (the bound address is logged at start-up).
-    pub fn parse(s: &str, allow_port_zero: bool) -> Result<HostPort, String> {
+    pub fn parse(s: &str, allow_port_zero: bool) -> Result<HostPort, AddrError> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("empty address; expected PORT, HOST:PORT or [IPv6]:PORT".into());
+            return Err(AddrError::Empty);
         }
         let (host, port) = if s.bytes().all(|b| b.is_ascii_digit()) {
             (Host::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), s)
         } else if let Some(rest) = s.strip_prefix('[') {
             let (ip, port) = rest
                 .split_once("]:")
-                .ok_or_else(|| format!("'{s}' is not [IPv6]:PORT"))?;
-            let ip: IpAddr = ip
-                .parse()
-                .map_err(|_| format!("'{ip}' is not an IPv6 address"))?;
+                .ok_or_else(|| AddrError::Brackets(s.to_owned()))?;
+            let ip: IpAddr = ip.parse().map_err(|_| AddrError::NotIpv6(ip.to_owned()))?;
             if !ip.is_ipv6() {
-                return Err(format!("'{ip}' in brackets is not an IPv6 address"));
+                return Err(AddrError::BracketedNotIpv6(ip.to_string()));
             }
             (Host::Ip(ip), port)
         } else {
-            let (host, port) = s.rsplit_once(':').ok_or_else(|| {
-                format!("'{s}' is not a port, HOST:PORT or [IPv6]:PORT (a bare host needs a port)")
-            })?;
+            let (host, port) = s
+                .rsplit_once(':')
+                .ok_or_else(|| AddrError::NoPort(s.to_owned()))?;
             if host.contains(':') {
-                return Err(format!(
-                    "'{s}': an IPv6 address must be written in brackets, as [{host}]:{port}"
-                ));
+                return Err(AddrError::Ipv6NeedsBrackets {
+                    input: s.to_owned(),
+                    host: host.to_owned(),
+                    port: port.to_owned(),
+                });
             }
             (parse_host(host)?, port)
         };
         let port = parse_port(port)?;
         if port == 0 && !allow_port_zero {
-            return Err("port 0 is not a port anything listens on".into());
+            return Err(AddrError::PortZero);
         }
         Ok(HostPort { host, port })
     }
@@ -67,11 +117,6 @@ impl HostPort {
             Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, self.port)]),
             Host::Name(name) => Ok((name.as_str(), self.port).to_socket_addrs()?.collect()),
         }
-    }
-
-    /// The host part as it goes into a URI authority (IPv6 in brackets).
-    pub fn authority(&self) -> String {
-        self.to_string()
     }
 }
 
@@ -85,9 +130,9 @@ impl fmt::Display for HostPort {
     }
 }
 
-fn parse_host(host: &str) -> Result<Host, String> {
+fn parse_host(host: &str) -> Result<Host, AddrError> {
     if host.is_empty() {
-        return Err("missing host before ':'".into());
+        return Err(AddrError::MissingHost);
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(Host::Ip(ip));
@@ -105,16 +150,16 @@ fn parse_host(host: &str) -> Result<Host, String> {
     if valid {
         Ok(Host::Name(host.to_ascii_lowercase()))
     } else {
-        Err(format!("'{host}' is neither an IP address nor a host name"))
+        Err(AddrError::BadHost(host.to_owned()))
     }
 }
 
-fn parse_port(port: &str) -> Result<u16, String> {
+fn parse_port(port: &str) -> Result<u16, AddrError> {
     if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("'{port}' is not a port number"));
+        return Err(AddrError::BadPort(port.to_owned()));
     }
     port.parse::<u16>()
-        .map_err(|_| format!("port {port} is out of range (1-65535)"))
+        .map_err(|_| AddrError::PortRange(port.to_owned()))
 }
 
 /// The scheme spoken to the upstream.
@@ -144,34 +189,28 @@ impl Upstream {
     /// Parses what `--listen` takes, or `http://host:port` / `https://host:port` (an optional trailing
     /// `/` only: the shim never rewrites paths, so a base path would be silently ignored and is
     /// refused instead).
-    pub fn parse(s: &str) -> Result<Upstream, String> {
+    pub fn parse(s: &str) -> Result<Upstream, AddrError> {
         let s = s.trim();
         let (scheme, rest) = match s.split_once("://") {
             None => (Scheme::Http, s),
             Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
                 "http" => (Scheme::Http, rest),
                 "https" => (Scheme::Https, rest),
-                other => {
-                    return Err(format!(
-                        "unsupported scheme '{other}'; use http://HOST:PORT or https://HOST:PORT"
-                    ));
-                }
+                other => return Err(AddrError::Scheme(other.to_owned())),
             },
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains('/') || authority.contains('?') || authority.contains('#') {
-            return Err(format!(
-                "'{s}' has a path; glance-shim forwards paths untouched, so give only SCHEME://HOST:PORT"
-            ));
+            return Err(AddrError::HasPath(s.to_owned()));
         }
         if authority.contains('@') {
-            return Err("credentials in the upstream URL are not supported".into());
+            return Err(AddrError::Credentials);
         }
         if s.contains("://") && !authority.contains(':') {
-            return Err(format!(
-                "'{s}' has no port; write it as {}://HOST:PORT",
-                scheme.as_str()
-            ));
+            return Err(AddrError::UrlWithoutPort {
+                input: s.to_owned(),
+                scheme: scheme.as_str(),
+            });
         }
         let addr = HostPort::parse(authority, false)?;
         Ok(Upstream { scheme, addr })
@@ -184,49 +223,48 @@ impl fmt::Display for Upstream {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h`, combinations such as `1m30s`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses a duration the way humantime does (`500ms`, `5s`, `2m`, `1h`, `1m30s`, `2min`...), or a bare
+/// number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration; expected e.g. 500ms, 5s, 2m or 1h".into());
-    }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
+    let invalid = |reason: String| DurationError::Invalid {
+        input: s.to_owned(),
+        reason,
+    };
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return s
             .parse::<u64>()
             .map(Duration::from_secs)
-            .map_err(|_| format!("'{s}' is too large"));
+            .map_err(|_| invalid("too large".into()));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
-        if digits == 0 {
-            return Err(format!(
-                "'{s}' is not a duration; expected e.g. 500ms, 5s, 2m or 1h"
-            ));
-        }
-        let value: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("'{s}' is too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(value),
-            "s" => Duration::from_secs(value),
-            "m" | "min" => Duration::from_secs(value.saturating_mul(60)),
-            "h" => Duration::from_secs(value.saturating_mul(3600)),
-            "" => {
-                return Err(format!(
-                    "'{s}': a number inside a duration needs a unit (ms, s, m, h)"
-                ));
-            }
-            other => return Err(format!("'{s}': unknown unit '{other}'; use ms, s, m or h")),
-        };
-        total = total.saturating_add(part);
+    humantime::parse_duration(s).map_err(|e| invalid(e.to_string()))
+}
+
+/// A duration that must be more than zero (a timeout that is either set or absent).
+pub fn parse_nonzero_duration(s: &str) -> Result<Duration, DurationError> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(DurationError::Zero),
+        d => Ok(d),
     }
-    Ok(total)
+}
+
+/// A combination of flags that cannot work, found after each flag parsed on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--listen {listen} and --upstream {upstream} are the same address: every request would come \
+         back to glance-shim (a loop); the debug glance-api needs its own port"
+    )]
+    Loop {
+        listen: HostPort,
+        upstream: HostPort,
+    },
+    #[error("--listen or --takeover is needed")]
+    NoListen,
+    #[error("--takeover {0}")]
+    Takeover(crate::uwsgi::IniError),
+    #[error("--upstream-ca and --upstream-insecure apply to an https upstream; --upstream is {0}")]
+    UpstreamTlsOnHttp(Upstream),
 }
 
 /// Log output format.
@@ -330,7 +368,7 @@ impl Config {
     }
 
     /// Refuses combinations no single flag can see: listening where we forward is a loop.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listen.port == 0 || self.listen.port != self.upstream.addr.port {
             return Ok(());
         }
@@ -344,11 +382,10 @@ impl Config {
             })
         });
         if loops {
-            return Err(format!(
-                "--listen {} and --upstream {} are the same address: every request would come back to \
-                 glance-shim (a loop); the debug glance-api needs its own port",
-                self.listen, self.upstream.addr
-            ));
+            return Err(ConfigError::Loop {
+                listen: self.listen.clone(),
+                upstream: self.upstream.addr.clone(),
+            });
         }
         Ok(())
     }
@@ -359,7 +396,9 @@ mod tests {
     use super::*;
 
     fn hp(s: &str) -> Result<String, String> {
-        HostPort::parse(s, true).map(|h| h.to_string())
+        HostPort::parse(s, true)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -391,7 +430,7 @@ mod tests {
         assert!(hp(":80").unwrap_err().contains("missing host"));
         assert!(hp("bad_host:80").unwrap_err().contains("neither an IP"));
         assert!(hp("-x:80").unwrap_err().contains("neither an IP"));
-        assert!(HostPort::parse("0", false).unwrap_err().contains("port 0"));
+        assert_eq!(HostPort::parse("0", false), Err(AddrError::PortZero));
         assert_eq!(hp("0").unwrap(), "127.0.0.1:0");
     }
 
@@ -407,23 +446,12 @@ mod tests {
             Upstream::parse("9292").unwrap().to_string(),
             "http://127.0.0.1:9292"
         );
-        assert!(
-            Upstream::parse("http://h:1/image")
-                .unwrap_err()
-                .contains("has a path")
-        );
-        assert!(Upstream::parse("http://h").unwrap_err().contains("no port"));
-        assert!(
-            Upstream::parse("ftp://h:1")
-                .unwrap_err()
-                .contains("unsupported scheme")
-        );
-        assert!(
-            Upstream::parse("http://u:p@h:1")
-                .unwrap_err()
-                .contains("credentials")
-        );
-        assert!(Upstream::parse("0").unwrap_err().contains("port 0"));
+        let up = |s: &str| Upstream::parse(s).unwrap_err().to_string();
+        assert!(up("http://h:1/image").contains("has a path"));
+        assert!(up("http://h").contains("no port"));
+        assert!(up("ftp://h:1").contains("unsupported scheme"));
+        assert!(up("http://u:p@h:1").contains("credentials"));
+        assert!(up("0").contains("port 0"));
     }
 
     #[test]
@@ -434,11 +462,23 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("s").unwrap_err().contains("not a duration"));
-        assert!(parse_duration("1m30").unwrap_err().contains("needs a unit"));
-        assert!(parse_duration("-5s").is_err());
+        assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration(" 1h 5m ").unwrap(),
+            Duration::from_secs(3900)
+        );
+        for bad in ["", "5x", "s", "1m30", "-5s", "soon", "99999999999999999999"] {
+            let e = parse_duration(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("'{}' is not a duration", bad.trim())),
+                "{bad:?}: {e}"
+            );
+        }
+        assert_eq!(parse_nonzero_duration("0s"), Err(DurationError::Zero));
+        assert_eq!(
+            parse_nonzero_duration("250ms"),
+            Ok(Duration::from_millis(250))
+        );
     }
 
     #[test]
@@ -449,6 +489,7 @@ mod tests {
                 Upstream::parse(u).unwrap(),
             )
             .validate()
+            .map_err(|e| e.to_string())
         };
         assert!(cfg("9292", "9292").unwrap_err().contains("loop"));
         assert!(

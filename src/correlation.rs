@@ -5,11 +5,6 @@
 //! the shim logs is always the one glance will log: the client's own when glance accepts it, otherwise
 //! one made here and sent in its place.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use http::HeaderValue;
 use http::header::{HeaderMap, HeaderName};
 
@@ -20,47 +15,13 @@ pub static X_OPENSTACK_REQUEST_ID: HeaderName = HeaderName::from_static("x-opens
 pub const MAX_CLIENT_ID_LEN: usize = 64;
 
 /// Makes a new `req-<lowercase uuid4>` id, the form oslo.middleware accepts as a global request id.
-///
-/// The 122 random bits come from SipHash keyed once per process from the OS's randomness (std's
-/// `RandomState`) over a counter: unique per process, unpredictable across processes, and far cheaper
-/// than a system call per request.
 pub fn new_request_id() -> String {
-    static KEYS: OnceLock<RandomState> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let keys = KEYS.get_or_init(RandomState::new);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let hi = keys.hash_one((n, 0x6c61_6e63_6531_u64));
-    let lo = keys.hash_one((n, 0x7368_696d_3232_u64));
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&hi.to_be_bytes());
-    b[8..].copy_from_slice(&lo.to_be_bytes());
-    b[6] = (b[6] & 0x0f) | 0x40; // version 4
-    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(40);
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let uuid = uuid::Uuid::new_v4().hyphenated();
+    let mut out = String::with_capacity(4 + uuid::fmt::Hyphenated::LENGTH);
     out.push_str("req-");
-    for (i, byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
-        }
-        out.push(HEX[usize::from(byte >> 4)] as char);
-        out.push(HEX[usize::from(byte & 0x0f)] as char);
-    }
+    out.push_str(uuid.encode_lower(&mut buf));
     out
-}
-
-/// True for `req-` followed by a lowercase uuid4, the form oslo.middleware's RequestId accepts.
-pub fn is_shim_style(id: &str) -> bool {
-    let Some(uuid) = id.strip_prefix("req-") else {
-        return false;
-    };
-    let b = uuid.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, &c)| match i {
-            8 | 13 | 18 | 23 => c == b'-',
-            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
-        })
 }
 
 /// Why a client's id was not sent on as it came.
@@ -97,13 +58,33 @@ impl std::fmt::Display for Replaced {
 pub struct Assigned {
     /// The id glance will see, printable (non-printable bytes escaped) for the log.
     pub id: String,
-    /// True when the client's own id was kept.
-    pub from_client: bool,
-    /// Set when the client sent an id glance cannot take and it was replaced.
-    pub replaced: Option<Replaced>,
-    /// The client's original value when it was replaced, escaped and cut to 100 characters, so the
-    /// warning can show what came in without writing an unbounded value into the log.
-    pub original: Option<String>,
+    pub from: IdFrom,
+}
+
+/// Where the request id glance sees came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdFrom {
+    /// The client sent it, and glance can take it as it is.
+    Client,
+    /// The client sent none: the shim made it.
+    Shim,
+    /// The client sent one glance cannot take; the shim sent its own instead.
+    Replaced {
+        why: Replaced,
+        /// The client's value, escaped and cut to 100 characters, so the warning can show what came
+        /// in without writing an unbounded value into the log.
+        original: String,
+    },
+}
+
+impl IdFrom {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IdFrom::Client => "client",
+            IdFrom::Shim => "shim",
+            IdFrom::Replaced { .. } => "replaced",
+        }
+    }
 }
 
 /// Makes sure `headers` carries exactly one `X-OpenStack-Request-ID` that glance accepts, and says which.
@@ -111,7 +92,7 @@ pub fn assign(headers: &mut HeaderMap) -> Assigned {
     let mut values = headers.get_all(&X_OPENSTACK_REQUEST_ID).iter();
     let first = values.next();
     let extra = values.count();
-    let replaced = match first {
+    let why = match first {
         None => None,
         Some(_) if extra > 0 => Some(Replaced::Repeated { count: extra + 1 }),
         Some(v) if v.is_empty() => Some(Replaced::Empty),
@@ -119,35 +100,30 @@ pub fn assign(headers: &mut HeaderMap) -> Assigned {
         Some(v) => {
             return Assigned {
                 id: printable(v.as_bytes()),
-                from_client: true,
-                replaced: None,
-                original: None,
+                from: IdFrom::Client,
             };
         }
     };
-    let original = first.map(|v| {
-        let mut s = printable(&v.as_bytes()[..v.len().min(100)]);
-        if v.len() > 100 {
-            s.push('…');
+    let from = match (first, why) {
+        (Some(v), Some(why)) => {
+            let mut original = printable(&v.as_bytes()[..v.len().min(100)]);
+            if v.len() > 100 {
+                original.push('…');
+            }
+            IdFrom::Replaced { why, original }
         }
-        s
-    });
-    let absent = first.is_none();
+        _ => IdFrom::Shim,
+    };
     let id = new_request_id();
     let value =
         HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("req-invalid"));
     // `append` skips the search `insert` makes for copies to replace when there are none.
-    if absent {
+    if first.is_none() {
         headers.append(&X_OPENSTACK_REQUEST_ID, value);
     } else {
         headers.insert(&X_OPENSTACK_REQUEST_ID, value);
     }
-    Assigned {
-        id,
-        from_client: false,
-        replaced,
-        original,
-    }
+    Assigned { id, from }
 }
 
 /// Header bytes as log text: printable ASCII kept, everything else as `\xNN`.
@@ -170,6 +146,19 @@ pub fn printable(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// True for `req-` followed by a lowercase uuid4, the form oslo.middleware's RequestId accepts.
+    fn is_shim_style(id: &str) -> bool {
+        let Some(uuid) = id.strip_prefix("req-") else {
+            return false;
+        };
+        let b = uuid.as_bytes();
+        b.len() == 36
+            && b.iter().enumerate().all(|(i, &c)| match i {
+                8 | 13 | 18 | 23 => c == b'-',
+                _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+            })
+    }
 
     #[test]
     fn new_ids_are_req_uuid4_and_distinct() {
@@ -213,7 +202,7 @@ mod tests {
     fn absent_gets_the_shims_id() {
         let mut h = headers(&[]);
         let a = assign(&mut h);
-        assert!(!a.from_client && a.replaced.is_none() && is_shim_style(&a.id));
+        assert!(a.from == IdFrom::Shim && is_shim_style(&a.id));
         assert_eq!(sent(&h), vec![a.id.as_bytes()]);
     }
 
@@ -226,7 +215,7 @@ mod tests {
         ] {
             let mut h = headers(&[id]);
             let a = assign(&mut h);
-            assert!(a.from_client && a.replaced.is_none());
+            assert_eq!(a.from, IdFrom::Client);
             assert_eq!(a.id.as_bytes(), id);
             assert_eq!(sent(&h), vec![id]);
         }
@@ -248,8 +237,8 @@ mod tests {
         ] {
             let mut h = headers(&values);
             let a = assign(&mut h);
-            assert_eq!(a.replaced, Some(want));
-            assert!(!a.from_client && is_shim_style(&a.id));
+            assert!(matches!(&a.from, IdFrom::Replaced { why, .. } if *why == want));
+            assert!(is_shim_style(&a.id));
             assert_eq!(
                 sent(&h),
                 vec![a.id.as_bytes()],
@@ -262,7 +251,9 @@ mod tests {
     fn the_original_of_a_replaced_id_is_bounded_in_the_log() {
         let mut h = headers(&[&[b'y'; 5000]]);
         let a = assign(&mut h);
-        let original = a.original.unwrap();
+        let IdFrom::Replaced { original, .. } = a.from else {
+            panic!("not replaced: {a:?}")
+        };
         assert!(original.chars().count() <= 101, "{}", original.len());
     }
 

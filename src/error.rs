@@ -1,5 +1,7 @@
-//! The answers the shim gives itself: which failure, which status, and the OpenStack-style JSON body
-//! (`{"message", "code", "title"}`) that tells the developer what happened and what to do.
+//! The shim's errors: what keeps it from starting ([`StartError`], with the exit status each earns),
+//! and the answers it gives a request itself ([`ProxyError`]: which failure, which status, which
+//! [`Outcome`], and the OpenStack-style JSON body, `{"message", "code", "title"}`, that tells the
+//! developer what happened and what to do).
 //!
 //! `proxy` classifies failures into a [`ProxyError`]; nothing here does I/O.
 
@@ -8,30 +10,148 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
+use crate::config::HostPort;
+use crate::exchange::Outcome;
 use crate::upstream::ConnectError;
 
-/// A request the shim answers itself instead of relaying the upstream's answer.
-#[derive(Debug)]
+/// What keeps the shim from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A TLS file given by a flag cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// `--log-file` cannot be opened.
+    #[error(transparent)]
+    LogFile(#[from] crate::logging::LogFileError),
+    /// The listening address cannot be bound.
+    #[error("cannot listen on {addr}{hint}")]
+    Bind {
+        addr: HostPort,
+        hint: &'static str,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl StartError {
+    /// 2 when a flag's value cannot be used, as for every usage error; 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Tls(_) | StartError::LogFile(_) => 2,
+            StartError::Bind { .. } | StartError::Runtime(_) => 1,
+        }
+    }
+
+    pub fn bind(addr: &HostPort, error: std::io::Error) -> StartError {
+        let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
+            " (something already listens there: devstack@g-api's uWSGI, or another glance-shim?)"
+        } else {
+            ""
+        };
+        StartError::Bind {
+            addr: addr.clone(),
+            hint,
+            error,
+        }
+    }
+}
+
+/// An error and its causes on one line: hyper's `Display` shows only the outermost level.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// The first error of type `T` in `err`'s chain of causes.
+pub fn find_source<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Sorts a failed exchange with the upstream: a broken or refused connection, or an answer that is not
+/// HTTP/1.1.
+pub fn classify_upstream(err: &(dyn std::error::Error + 'static)) -> ProxyError {
+    let why = chain(err);
+    if let Some(connect) = find_source::<ConnectError>(err) {
+        return ProxyError::Unreachable(connect.clone());
+    }
+    if let Some(e) = find_source::<hyper::Error>(err) {
+        if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+            return ProxyError::InvalidResponse(why);
+        }
+        if e.is_incomplete_message() || e.is_canceled() {
+            return ProxyError::ClosedEarly(why);
+        }
+    }
+    match find_source::<std::io::Error>(err).map(std::io::Error::kind) {
+        Some(std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => {
+            ProxyError::InvalidResponse(why)
+        }
+        Some(
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof,
+        ) => ProxyError::ClosedEarly(why),
+        _ => ProxyError::Upstream(why),
+    }
+}
+
+/// A request the shim answers itself instead of relaying the upstream's answer. Its `Display` is the
+/// short reason for the completion line: the full explanation, [`ProxyError::message`], goes to the
+/// client, and the log explains an outage once (see `upstream::Health`), not in every request's line.
+#[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The upstream could not be reached at all (502).
+    #[error("{0}")]
     Unreachable(ConnectError),
     /// The upstream took the request and closed the connection without answering (502).
+    #[error("the upstream closed the connection without answering: {0}")]
     ClosedEarly(String),
     /// The upstream's answer was not valid HTTP/1.1 (502).
+    #[error("invalid response from the upstream: {0}")]
     InvalidResponse(String),
     /// Some other failure talking to the upstream (502).
+    #[error("{0}")]
     Upstream(String),
     /// `--upstream-timeout` ran out with nothing moving (504).
+    #[error("no progress from the upstream for {:.1} s (--upstream-timeout)", .0.as_secs_f64())]
     Timeout(Duration),
+    /// The shim shut down before the upstream answered (503).
+    #[error("glance-shim shut down before the upstream answered")]
+    Drained,
     /// The client's upload broke off before it was complete (400; the client is usually gone).
+    #[error("the client's body broke off: {0}")]
     ClientBody(String),
     /// A request the shim will not forward as it is (400).
+    #[error("{0}")]
     BadRequest(String),
     /// The request target is longer than `--max-uri-bytes` (414).
+    #[error("request target of {len} bytes, over {max}")]
     UriTooLong { len: usize, max: usize },
     /// CONNECT: the shim forwards only to its upstream, never tunnels (405).
+    #[error("CONNECT refused")]
     Connect,
     /// The request already went through this shim: listen and upstream point at each other (508).
+    #[error("loop: the request came back through glance-shim")]
     Loop,
 }
 
@@ -43,10 +163,27 @@ impl ProxyError {
             | ProxyError::InvalidResponse(_)
             | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Drained => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Loop => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// How the request ended, for its record.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ProxyError::Unreachable(_) => Outcome::UpstreamUnreachable,
+            ProxyError::ClosedEarly(_) | ProxyError::Upstream(_) => Outcome::UpstreamBrokeOff,
+            ProxyError::InvalidResponse(_) => Outcome::UpstreamInvalid,
+            ProxyError::Timeout(_) => Outcome::TimedOut,
+            ProxyError::Drained => Outcome::Drained,
+            ProxyError::ClientBody(_) => Outcome::ClientGone,
+            ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::Connect
+            | ProxyError::Loop => Outcome::Refused,
         }
     }
 
@@ -89,6 +226,10 @@ impl ProxyError {
                  --upstream-timeout unset to wait at a breakpoint for as long as it takes.",
                 d.as_secs_f64()
             ),
+            ProxyError::Drained => format!(
+                "glance-shim shut down before the upstream at {upstream} answered (--drain ran out). \
+                 Start glance-shim again and retry."
+            ),
             ProxyError::ClientBody(e) => {
                 format!("the request body from the client broke off before it was complete: {e}")
             }
@@ -108,34 +249,8 @@ impl ProxyError {
         }
     }
 
-    /// A short reason for the completion line: the full explanation goes to the client, and the log
-    /// explains an outage once (see `upstream::Health`), not in every request's line.
-    pub fn summary(&self, upstream: &str) -> String {
-        match self {
-            ProxyError::Unreachable(e) => e.to_string(),
-            ProxyError::ClosedEarly(e) => {
-                format!("the upstream closed the connection without answering: {e}")
-            }
-            ProxyError::InvalidResponse(e) => format!("invalid response from the upstream: {e}"),
-            ProxyError::Upstream(e) => e.clone(),
-            ProxyError::Timeout(d) => format!(
-                "no progress from the upstream for {:.1} s (--upstream-timeout)",
-                d.as_secs_f64()
-            ),
-            ProxyError::ClientBody(e) => format!("the client's body broke off: {e}"),
-            ProxyError::BadRequest(why) => why.clone(),
-            ProxyError::UriTooLong { len, max } => {
-                format!("request target of {len} bytes, over {max}")
-            }
-            ProxyError::Connect => "CONNECT refused".into(),
-            ProxyError::Loop => {
-                format!("loop: the request came back through glance-shim ({upstream})")
-            }
-        }
-    }
-
     /// The response the client gets: JSON in the shape glance's own errors have.
-    pub fn response(&self, upstream: &str, request_id: &str) -> (Response<Bytes>, String) {
+    pub fn response(&self, upstream: &str, request_id: &str) -> Response<Bytes> {
         let status = self.status();
         let message = self.message(upstream);
         let body = serde_json::json!({
@@ -167,7 +282,7 @@ impl ProxyError {
             // be framed as the client meant (a body not read, a second request smuggled in): close.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        (res, message)
+        res
     }
 }
 
@@ -181,7 +296,8 @@ mod tests {
             addr: "127.0.0.1:60999".into(),
             waited: None,
         });
-        let (res, message) = err.response("127.0.0.1:60999", "req-x");
+        let res = err.response("127.0.0.1:60999", "req-x");
+        let message = err.message("127.0.0.1:60999");
         assert_eq!(res.status(), 502);
         assert_eq!(res.headers()["content-type"], "application/json");
         assert_eq!(res.headers()["x-openstack-request-id"], "req-x");

@@ -11,72 +11,34 @@ use http::header::{self, Entry, HeaderMap, HeaderName};
 /// The `Via` entry this proxy adds (and recognises coming back, which means a loop).
 pub const VIA_SELF: &str = "1.1 glance-shim";
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Fields that describe one connection, never the message: RFC 9110 §7.6.1 plus the legacy
 /// `Keep-Alive`/`Proxy-Connection` and the proxy-auth pair, which belong to the hop they were sent on.
-static HOP_BY_HOP: [&HeaderName; 9] = [
-    &header::CONNECTION,
-    &header::TRANSFER_ENCODING,
-    &header::TE,
-    &header::TRAILER,
-    &header::UPGRADE,
-    &header::PROXY_AUTHORIZATION,
-    &header::PROXY_AUTHENTICATE,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
-        "connection" => 0,
-        "transfer-encoding" => 1,
-        "te" => 2,
-        "trailer" => 3,
-        "upgrade" => 4,
-        "proxy-authorization" => 5,
-        "proxy-authenticate" => 6,
-        "keep-alive" => 7,
-        "proxy-connection" => 8,
-        _ => return None,
-    })
-}
-
 /// Removes every hop-by-hop field: each name listed in `Connection`, then the fixed set.
-///
-/// Most messages carry none, or only `Connection: keep-alive`: one scan of the names finds what is
-/// there, and only those are removed.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let mut present = [false; HOP_BY_HOP.len()];
-    let mut any = false;
-    for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
-            present[i] = true;
-            any = true;
-        }
-    }
-    if !any {
-        return;
-    }
-    if present[0] {
-        // Names listed in Connection other than the usual keep-alive/close tokens (which name no
-        // field, or the Keep-Alive field already handled) are rare; allocate only for them.
-        let listed: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
-            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
-            .filter_map(|t| HeaderName::from_bytes(t).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present[i] {
-            headers.remove(*name);
-        }
+    // `keep-alive` and `close` name no field (or the Keep-Alive field, removed anyway); a
+    // `Connection` that lists nothing else, the usual case, allocates nothing.
+    let listed: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
+        .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .collect();
+    for name in listed.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
     }
 }
 
@@ -93,6 +55,13 @@ fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<It
 /// True when a `Connection` field asks to close the connection after this message.
 pub fn says_close(headers: &HeaderMap) -> bool {
     list_items(headers, &header::CONNECTION).any(|token| token.eq_ignore_ascii_case(b"close"))
+}
+
+/// True when the request waits for a `100 Continue` before it sends its body (RFC 9110 §10.1.1).
+pub fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// True when one of the `Via` entries is ours: the request has been through this shim before.

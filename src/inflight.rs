@@ -1,185 +1,47 @@
-//! The registry of requests in flight, the watchdog that notices a stalled (breakpointed) upstream, and
-//! the table printed on SIGUSR1.
+//! The requests in flight, and the watchdog that applies the two rules about a request glance keeps
+//! waiting: a notice after `--stall-after` (and again after twice that, four times, ...), and, with
+//! `--upstream-timeout`, the cut-off. Both read the same clock, [`Exchange::idle`]: time spent waiting
+//! on glance with nothing moving. Time spent waiting on the client never counts.
 //!
-//! A request is registered when it arrives and leaves the registry when its [`Guard`] is dropped, which
-//! the response body owns: a streamed body outlives the service future, so bookkeeping is tied to
-//! ownership rather than to code paths. Bodies report progress into their [`Entry`]; the watchdog only
-//! reads it.
+//! A request enters the registry when it arrives and leaves it when its [`ExchangeGuard`] is dropped.
+//! The SIGUSR1 table and the drain report are printed from here.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use crate::exchange::{Exchange, ExchangeGuard, Outcome, Waiting};
+use crate::keepalive::Serving;
 
-/// Who the request is waiting for right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Waiting {
-    /// The upstream: to read what we have, or to send what we need. A long wait here is a stall.
-    Upstream = 0,
-    /// The client: to send more of its body, or to read the response. Not the upstream's fault.
-    Client = 1,
-}
-
-/// Where a request is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Phase {
-    /// Sent (or being sent) to the upstream; no response headers yet.
-    AwaitingHeaders = 0,
-    /// Response headers are back; the body is streaming to the client.
-    Streaming = 1,
-}
-
-/// One request in flight. Counters are atomics because the request body, the response body and the
-/// watchdog touch them from different tasks.
-#[derive(Debug)]
-pub struct Entry {
-    /// Registry key, unique per process (two clients may send the same request id).
-    pub serial: u64,
-    /// The request id glance sees.
-    pub id: String,
-    pub method: http::Method,
-    /// Path and query as received.
-    pub target: String,
-    pub client: SocketAddr,
-    pub started: Instant,
-    /// Microseconds after `started` at which bytes last moved (or headers arrived).
-    last_progress_us: AtomicU64,
-    waiting: AtomicU8,
-    phase: AtomicU8,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    /// Set by the request body when the client's upload failed: the upstream error that follows is the
-    /// client's doing, not the upstream's.
-    pub client_body_failed: AtomicBool,
-    /// Watchdog bookkeeping: notices sent in the current stall, and the progress mark it started from.
-    stall_notices: AtomicU32,
-    stall_mark_us: AtomicU64,
-}
-
-impl Entry {
-    fn micros_since_start(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.started).as_micros()).unwrap_or(u64::MAX)
-    }
-
-    /// Records that something moved: a body frame in either direction or the response headers.
-    pub fn progress(&self, now_waiting: Waiting) {
-        self.last_progress_us
-            .store(self.micros_since_start(Instant::now()), Ordering::Relaxed);
-        self.waiting.store(now_waiting as u8, Ordering::Relaxed);
-    }
-
-    /// Records who is being waited for, without counting it as progress.
-    pub fn waiting_on(&self, who: Waiting) {
-        self.waiting.store(who as u8, Ordering::Relaxed);
-    }
-
-    pub fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Relaxed);
-    }
-
-    pub fn phase(&self) -> Phase {
-        if self.phase.load(Ordering::Relaxed) == Phase::Streaming as u8 {
-            Phase::Streaming
-        } else {
-            Phase::AwaitingHeaders
-        }
-    }
-
-    pub fn waiting(&self) -> Waiting {
-        if self.waiting.load(Ordering::Relaxed) == Waiting::Client as u8 {
-            Waiting::Client
-        } else {
-            Waiting::Upstream
-        }
-    }
-
-    /// Says, once, that a request which earned stall notices is moving again after `paused`. Called by
-    /// the watchdog when it sees progress and by the proxy when response headers arrive, whichever
-    /// comes first.
-    pub fn resumed(&self, paused: Duration) {
-        if self.stall_notices.swap(0, Ordering::Relaxed) > 0 {
-            info!(
-                id = self.id.as_str(),
-                method = self.method.as_str(),
-                path = self.target.as_str(),
-                paused_s = secs(paused),
-                "the upstream is moving again after {:.1} s",
-                paused.as_secs_f64()
-            );
-        }
-    }
-
-    /// How long nothing has moved.
-    pub fn idle(&self, now: Instant) -> Duration {
-        let last = Duration::from_micros(self.last_progress_us.load(Ordering::Relaxed));
-        now.saturating_duration_since(self.started)
-            .saturating_sub(last)
-    }
-}
-
-/// All requests in flight.
+/// Every request in flight.
 #[derive(Debug, Default)]
 pub struct Registry {
-    entries: Mutex<HashMap<u64, Arc<Entry>>>,
+    open: Mutex<HashMap<u64, Arc<Exchange>>>,
     next_serial: AtomicU64,
 }
 
-/// Removes its entry from the registry when dropped.
-#[derive(Debug)]
-pub struct Guard {
-    registry: Arc<Registry>,
-    pub entry: Arc<Entry>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.entry.serial);
-    }
-}
-
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Exchange>>> {
         // A panic while holding this lock cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still usable.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a request that just arrived.
-    pub fn register(
-        self: &Arc<Self>,
-        id: String,
-        method: http::Method,
-        target: String,
-        client: SocketAddr,
-    ) -> Guard {
-        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(Entry {
-            serial,
-            id,
-            method,
-            target,
-            client,
-            started: Instant::now(),
-            last_progress_us: AtomicU64::new(0),
-            waiting: AtomicU8::new(Waiting::Upstream as u8),
-            phase: AtomicU8::new(Phase::AwaitingHeaders as u8),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            client_body_failed: AtomicBool::new(false),
-            stall_notices: AtomicU32::new(0),
-            stall_mark_us: AtomicU64::new(0),
-        });
-        self.lock().insert(serial, entry.clone());
-        Guard {
-            registry: self.clone(),
-            entry,
-        }
+    /// A serial number for the next exchange.
+    pub fn next_serial(&self) -> u64 {
+        self.next_serial.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a request that just arrived; it stays until the returned guard is dropped.
+    pub fn open(self: &Arc<Self>, exchange: Exchange, serving: Serving) -> ExchangeGuard {
+        let exchange = Arc::new(exchange);
+        self.lock().insert(exchange.serial, exchange.clone());
+        ExchangeGuard::new(exchange, self.clone(), serving)
+    }
+
+    pub(crate) fn remove(&self, serial: u64) {
+        self.lock().remove(&serial);
     }
 
     pub fn len(&self) -> usize {
@@ -191,78 +53,79 @@ impl Registry {
     }
 
     /// A snapshot, oldest first.
-    pub fn snapshot(&self) -> Vec<Arc<Entry>> {
-        let mut all: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+    pub fn snapshot(&self) -> Vec<Arc<Exchange>> {
+        let mut all: Vec<Arc<Exchange>> = self.lock().values().cloned().collect();
         all.sort_by_key(|e| e.serial);
         all
     }
 
-    /// Logs a notice for each request that has waited on the upstream past its next threshold: after
-    /// `stall_after`, then after twice that, four times, ... (capped at ten minutes between notices).
-    /// Logs once when a stalled request starts moving again.
-    pub fn check_stalls(&self, now: Instant, stall_after: Duration) {
-        for entry in self.snapshot() {
-            let mark = entry.last_progress_us.load(Ordering::Relaxed);
-            let old_mark = entry.stall_mark_us.load(Ordering::Relaxed);
-            if mark != old_mark {
-                entry.stall_mark_us.store(mark, Ordering::Relaxed);
-                entry.resumed(Duration::from_micros(mark.saturating_sub(old_mark)));
+    /// Applies the watchdog's rules to every request as of `now`.
+    pub fn check(&self, now: Instant, rules: &Rules) {
+        for exchange in self.snapshot() {
+            if exchange.waiting() != Waiting::Upstream {
                 continue;
             }
-            let notices = entry.stall_notices.load(Ordering::Relaxed);
-            if entry.waiting() != Waiting::Upstream {
-                continue;
-            }
-            let idle = entry.idle(now);
-            if idle >= notice_threshold(stall_after, notices) {
-                entry.stall_notices.store(notices + 1, Ordering::Relaxed);
-                let what = match entry.phase() {
-                    Phase::AwaitingHeaders => "has not answered",
-                    Phase::Streaming => "has sent nothing more",
-                };
-                warn!(
-                    id = entry.id.as_str(),
-                    method = entry.method.as_str(),
-                    path = entry.target.as_str(),
-                    client = %entry.client,
-                    waited_s = secs(idle),
-                    "the upstream {what} for {:.1} s: it is probably paused at a breakpoint",
-                    idle.as_secs_f64()
+            let idle = exchange.idle(now);
+            if let Some(limit) = rules.upstream_timeout
+                && idle >= limit
+            {
+                exchange.cut_off(
+                    Outcome::TimedOut,
+                    format!(
+                        "no progress from the upstream for {:.1} s (--upstream-timeout)",
+                        limit.as_secs_f64()
+                    ),
                 );
+            } else if let Some(after) = rules.stall_after
+                && idle >= notice_threshold(after, exchange.stall_notices())
+            {
+                exchange.log_stall(idle);
             }
+        }
+    }
+
+    /// Cuts off every request in flight (the shutdown).
+    pub fn cut_off_all(&self, why: &str) {
+        for exchange in self.snapshot() {
+            exchange.cut_off(Outcome::Drained, why.to_owned());
         }
     }
 
     /// The in-flight table, one line per request, for SIGUSR1 and for the drain report.
     pub fn table(&self, now: Instant) -> String {
-        let entries = self.snapshot();
-        let mut out = format!("{} request(s) in flight", entries.len());
-        for e in entries {
-            let state = match (e.phase(), e.waiting()) {
-                (Phase::AwaitingHeaders, Waiting::Upstream) => "waiting for upstream headers",
-                (Phase::AwaitingHeaders, Waiting::Client) => "receiving the client's body",
-                (Phase::Streaming, Waiting::Upstream) => "waiting for upstream body",
-                (Phase::Streaming, Waiting::Client) => "sending to the client",
-            };
-            let _ = write!(
-                out,
-                "\n  {} {} {} from {} age={:.1}s idle={:.1}s in={} out={} {}",
-                e.id,
-                e.method,
-                e.target,
-                e.client,
-                now.saturating_duration_since(e.started).as_secs_f64(),
-                e.idle(now).as_secs_f64(),
-                e.bytes_in.load(Ordering::Relaxed),
-                e.bytes_out.load(Ordering::Relaxed),
-                state,
-            );
+        let open = self.snapshot();
+        let mut out = format!("{} request(s) in flight", open.len());
+        for exchange in open {
+            exchange.table_row(now, &mut out);
         }
         out
     }
 }
 
-/// Idle time at which notice number `sent` (0-based) is due.
+/// What the watchdog enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules {
+    /// `--stall-after`: a notice after this long waiting on glance, then after 2x, 4x, ...
+    pub stall_after: Option<Duration>,
+    /// `--upstream-timeout`: cut the request off after this long waiting on glance.
+    pub upstream_timeout: Option<Duration>,
+}
+
+impl Rules {
+    /// How often the watchdog looks: a tenth of the shortest rule, between 10 ms and 500 ms. `None`
+    /// when there is no rule to apply.
+    pub fn tick(&self) -> Option<Duration> {
+        let shortest = match (self.stall_after, self.upstream_timeout) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(d), None) | (None, Some(d)) => d,
+            (None, None) => return None,
+        };
+        Some((shortest / 10).clamp(Duration::from_millis(10), Duration::from_millis(500)))
+    }
+}
+
+/// Idle time at which notice number `sent` (0-based) is due: after `stall_after`, then twice that,
+/// four times, ... with at most ten minutes between notices.
 pub fn notice_threshold(stall_after: Duration, sent: u32) -> Duration {
     const MAX_GAP: Duration = Duration::from_secs(600);
     let mut at = stall_after;
@@ -274,24 +137,16 @@ pub fn notice_threshold(stall_after: Duration, sent: u32) -> Duration {
     at
 }
 
-/// Seconds with one decimal, as a log field.
-pub fn secs(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10.0).round() / 10.0
-}
-
-/// How often the watchdog looks: a tenth of the threshold, between 10 ms and 500 ms.
-pub fn watchdog_tick(stall_after: Duration) -> Duration {
-    (stall_after / 10).clamp(Duration::from_millis(10), Duration::from_millis(500))
-}
-
-/// Runs the stall watchdog forever (it is cheap: one scan of the registry per tick).
-pub async fn watchdog(registry: Arc<Registry>, stall_after: Duration) {
-    let mut tick = tokio::time::interval(watchdog_tick(stall_after));
+/// Applies `rules` for as long as the shim runs (cheap: one scan of the registry per tick, and
+/// nothing at all while no request is in flight).
+pub async fn watchdog(registry: Arc<Registry>, rules: Rules) {
+    let Some(period) = rules.tick() else { return };
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if !registry.is_empty() {
-            registry.check_stalls(Instant::now(), stall_after);
+            registry.check(Instant::now(), &rules);
         }
     }
 }
@@ -299,26 +154,28 @@ pub async fn watchdog(registry: Arc<Registry>, stall_after: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::{Client, Phase};
+    use crate::keepalive::Clock;
 
-    fn registry() -> Arc<Registry> {
-        Arc::new(Registry::default())
-    }
-
-    fn register(r: &Arc<Registry>, id: &str) -> Guard {
-        r.register(
-            id.into(),
+    fn open(r: &Arc<Registry>, clock: &Arc<Clock>) -> ExchangeGuard {
+        let mut headers = http::HeaderMap::new();
+        let exchange = Exchange::new(
+            r.next_serial(),
+            crate::correlation::assign(&mut headers),
             http::Method::GET,
             "/v2/images".into(),
-            "127.0.0.1:5000".parse().unwrap(),
-        )
+            Client::new("127.0.0.1:5000".parse().unwrap()),
+        );
+        r.open(exchange, clock.serve())
     }
 
     #[test]
-    fn a_guard_removes_its_entry() {
-        let r = registry();
-        let a = register(&r, "req-a");
-        let b = register(&r, "req-a");
-        assert_eq!(r.len(), 2, "the same id twice is two requests");
+    fn a_guard_removes_its_request() {
+        let r = Arc::new(Registry::default());
+        let clock = Clock::new();
+        let a = open(&r, &clock);
+        let b = open(&r, &clock);
+        assert_eq!(r.len(), 2);
         drop(a);
         assert_eq!(r.len(), 1);
         drop(b);
@@ -336,18 +193,16 @@ mod tests {
 
     #[test]
     fn the_table_lists_every_request() {
-        let r = registry();
-        let _a = register(&r, "req-one");
-        let b = register(&r, "req-two");
-        b.entry.bytes_in.store(42, Ordering::Relaxed);
-        b.entry.set_phase(Phase::Streaming);
-        b.entry.waiting_on(Waiting::Client);
+        let r = Arc::new(Registry::default());
+        let clock = Clock::new();
+        let _a = open(&r, &clock);
+        let b = open(&r, &clock);
+        b.exchange().add_bytes_in(42);
+        b.exchange().set_phase(Phase::Streaming);
+        b.exchange().waiting_on(Waiting::Client);
         let t = r.table(Instant::now());
         assert!(t.starts_with("2 request(s) in flight"), "{t}");
-        assert!(
-            t.contains("req-one GET /v2/images from 127.0.0.1:5000"),
-            "{t}"
-        );
+        assert!(t.contains("GET /v2/images from 127.0.0.1:5000"), "{t}");
         assert!(
             t.contains("in=42") && t.contains("sending to the client"),
             "{t}"
@@ -355,28 +210,43 @@ mod tests {
     }
 
     #[test]
-    fn idle_counts_from_the_last_progress() {
-        let r = registry();
-        let g = register(&r, "req-x");
-        let later = g.entry.started + Duration::from_secs(7);
-        assert_eq!(g.entry.idle(later), Duration::from_secs(7));
-        g.entry.last_progress_us.store(5_000_000, Ordering::Relaxed);
-        assert_eq!(g.entry.idle(later), Duration::from_secs(2));
+    fn one_rule_times_out_only_what_waits_on_the_upstream() {
+        let r = Arc::new(Registry::default());
+        let clock = Clock::new();
+        let waiting_on_glance = open(&r, &clock);
+        let waiting_on_client = open(&r, &clock);
+        waiting_on_client.exchange().waiting_on(Waiting::Client);
+        let rules = Rules {
+            stall_after: None,
+            upstream_timeout: Some(Duration::from_secs(3)),
+        };
+        let soon = Instant::now() + Duration::from_secs(1);
+        r.check(soon, &rules);
+        assert_eq!(waiting_on_glance.exchange().outcome(), None);
+        let later = Instant::now() + Duration::from_secs(4);
+        r.check(later, &rules);
+        assert_eq!(
+            waiting_on_glance.exchange().outcome(),
+            Some(Outcome::TimedOut)
+        );
+        assert_eq!(waiting_on_client.exchange().outcome(), None);
     }
 
     #[test]
-    fn tick_bounds() {
+    fn ticks() {
+        let rules = |s: Option<u64>, t: Option<u64>| Rules {
+            stall_after: s.map(Duration::from_millis),
+            upstream_timeout: t.map(Duration::from_millis),
+        };
         assert_eq!(
-            watchdog_tick(Duration::from_secs(5)),
-            Duration::from_millis(500)
+            rules(Some(5000), None).tick(),
+            Some(Duration::from_millis(500))
         );
         assert_eq!(
-            watchdog_tick(Duration::from_millis(200)),
-            Duration::from_millis(20)
+            rules(Some(5000), Some(400)).tick(),
+            Some(Duration::from_millis(40))
         );
-        assert_eq!(
-            watchdog_tick(Duration::from_millis(1)),
-            Duration::from_millis(10)
-        );
+        assert_eq!(rules(Some(1), None).tick(), Some(Duration::from_millis(10)));
+        assert_eq!(rules(None, None).tick(), None);
     }
 }

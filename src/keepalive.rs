@@ -12,14 +12,11 @@
 //! - **reading a head**: the first byte of the next request has come. Closed after
 //!   `--header-timeout` if the head is still not complete.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use std::{fmt, pin::Pin};
 
-use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 /// The phase clock of one client connection.
@@ -111,8 +108,15 @@ impl Clock {
     }
 }
 
-/// Held while a request is served; dropping the last one starts the idle wait.
+/// Held while a request is served (by its `ExchangeGuard`, until hyper is done with the response);
+/// dropping the last one starts the idle wait.
 pub struct Serving(Arc<Clock>);
+
+impl fmt::Debug for Serving {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Serving")
+    }
+}
 
 impl Drop for Serving {
     fn drop(&mut self) {
@@ -120,42 +124,6 @@ impl Drop for Serving {
         if clock.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
             clock.wait.store(clock.now_ms() << 1, Ordering::Release);
         }
-    }
-}
-
-/// A response body that keeps its request in the serving phase until hyper has written it to the end
-/// (or given up on it).
-pub struct Served<B> {
-    body: B,
-    _serving: Serving,
-}
-
-impl<B> Served<B> {
-    pub fn new(body: B, serving: Serving) -> Self {
-        Served {
-            body,
-            _serving: serving,
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Served<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -8,13 +8,15 @@
 //! - [`logging`] — the log's format and destination.
 //! - [`server`] — binding, the accept loop, HTTP/1.1 serving, the graceful drain.
 //! - [`keepalive`] — the head and idle timeouts of a client connection.
-//! - [`proxy`] — one request from arrival to response; maps failures to statuses.
+//! - [`proxy`] — one request from arrival to response, in phases; maps failures to statuses.
+//! - [`exchange`] — the record of one request (ids, timestamps, bytes, phase, outcome) and its log
+//!   lines; the one place the completion line is written.
 //! - [`headers`] — hop-by-hop removal, `Via`/`X-Forwarded-*`, `Host` rules, masking for the log.
 //! - [`correlation`] — `req-<uuid4>` ids and which id a request carries to glance.
-//! - [`inflight`] — requests in flight, the stall watchdog, the SIGUSR1 table.
-//! - [`body`] — the streaming request/response bodies; the completion line.
-//! - [`upstream`] — the connector (with `--wait-upstream`), outage logging, the pooled client.
-//! - [`error`] — the shim's own answers (502, 504, ...) as OpenStack-style JSON.
+//! - [`inflight`] — requests in flight, the watchdog's stall and timeout rules, the SIGUSR1 table.
+//! - [`body`] — the streaming request/response bodies; `Expect: 100-continue`.
+//! - [`upstream`] — the connector (with `--wait-upstream` and TLS), outage logging, the pooled client.
+//! - [`error`] — what stops the shim starting; its own answers (502, 504, ...) as OpenStack-style JSON.
 //! - [`signals`] — SIGTERM/SIGINT/SIGUSR1.
 //! - [`tls`] — PEM files to rustls configurations, for both sides.
 //! - [`uwsgi`] — the address in DevStack's glance-uwsgi.ini, for `--takeover`.
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod correlation;
 pub mod error;
+pub mod exchange;
 pub mod headers;
 pub mod inflight;
 pub mod keepalive;

@@ -1,10 +1,13 @@
-//! The `glance-shim` binary: flags → configuration → logging → bind → serve until a signal.
+//! The `glance-shim` binary: flags → configuration → logging → bind → serve until a signal; each way
+//! of failing to start has its exit status (see `StartError::exit_code`).
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use glance_shim::cli::{self, Parsed};
+use glance_shim::config::Config;
+use glance_shim::error::StartError;
 use glance_shim::{logging, server, signals};
 
 fn main() -> ExitCode {
@@ -19,50 +22,43 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(msg) = logging::init(&config) {
-        eprintln!("glance-shim: {msg}");
-        return ExitCode::from(2);
+    match run(config) {
+        Ok(code) => code,
+        Err(err) => {
+            let code = err.exit_code();
+            eprintln!("glance-shim: {:#}", anyhow::Error::from(err));
+            ExitCode::from(code)
+        }
     }
+}
+
+fn run(config: Config) -> Result<ExitCode, StartError> {
+    // Dropped last: writes out every line still queued, the cut-off requests' among them.
+    let _log = logging::init(&config)?;
     // One thread, like one nginx worker: a debugging proxy's load fits on one core, and on a small
     // machine the client, the shim and glance compete for cores, where cross-thread wake-ups only
     // add context switches (measured in bench/README.md).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("glance-shim: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+        .map_err(StartError::Runtime)?;
     let code = runtime.block_on(async {
-        tokio::spawn(logging::flusher());
-        let listener = match server::bind_listener(&config) {
-            Ok(l) => l,
-            Err(e) => {
-                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-                    " (something already listens there: devstack@g-api's uWSGI, or another glance-shim?)"
-                } else {
-                    ""
-                };
-                eprintln!("glance-shim: cannot listen on {}: {e}{hint}", config.listen);
-                return ExitCode::FAILURE;
+        let listener = server::bind_listener(&config)
+            .map_err(|error| StartError::bind(&config.listen, error))?;
+        let server = server::Server::new(listener, config)?;
+        let registry = server.registry();
+        signals::spawn_table_on_usr1(registry.clone());
+        let signals = signals::shutdown_signals();
+        tokio::select! {
+            () = server.run(signals::counted(signals.clone(), 1)) => Ok(ExitCode::SUCCESS),
+            () = signals::counted(signals, 2) => {
+                registry.cut_off_all("glance-shim was stopped by a second SIGINT");
+                Ok(ExitCode::from(signals::FORCED_EXIT))
             }
-        };
-        let server = match server::Server::new(listener, config) {
-            Ok(s) => s,
-            Err(msg) => {
-                eprintln!("glance-shim: {msg}");
-                return ExitCode::from(2);
-            }
-        };
-        signals::spawn_table_on_usr1(server.registry());
-        server.run(signals::shutdown_requested()).await;
-        ExitCode::SUCCESS
+        }
     });
-    // Connections still open after the drain are abandoned, not waited for.
+    // Connections still open are dropped with the runtime, not waited for; each of their requests
+    // gets its completion line as it is dropped.
     runtime.shutdown_timeout(Duration::from_millis(100));
-    logging::flush();
     code
 }

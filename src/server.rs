@@ -1,6 +1,6 @@
 //! Accepting and serving client connections: binding, the accept loop (which backs off instead of
 //! dying), the optional TLS handshake, HTTP/1.1 serving with hyper, and the bounded graceful drain on
-//! shutdown.
+//! shutdown, after which the requests still in flight are cut off.
 //!
 //! What happens to each request is `proxy`'s business; this module only hands requests to it.
 
@@ -19,13 +19,15 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Scheme};
-use crate::inflight::{self, Registry};
-use crate::keepalive::{Clock, Expired, Served};
-use crate::proxy::{Client, Proxy};
+use crate::error::StartError;
+use crate::exchange::Client;
+use crate::inflight::{self, Registry, Rules};
+use crate::keepalive::{Clock, Expired};
+use crate::proxy::Proxy;
+use crate::tls::Stream;
 use crate::upstream::{Connector, Health, Pool};
 
 /// A bound, not yet running, shim.
@@ -39,6 +41,9 @@ pub struct Server {
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After `--drain`, how long the requests cut off get to send their last bytes and close.
+const CUT_OFF_GRACE: Duration = Duration::from_millis(500);
 
 /// Binds `config.listen` (backlog 1024, so a burst of connections is queued rather than refused).
 pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
@@ -65,7 +70,7 @@ pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
 impl Server {
     /// Builds the shim around an already bound listener (tests bind 127.0.0.1:0). Fails, with a line
     /// naming the flag and file, when a TLS file cannot be used.
-    pub fn new(listener: TcpListener, config: Config) -> Result<Server, String> {
+    pub fn new(listener: TcpListener, config: Config) -> Result<Server, StartError> {
         let tls = match &config.tls {
             Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(
                 &files.cert,
@@ -83,10 +88,14 @@ impl Server {
             })?),
         };
         let health = Arc::new(Health::default());
-        let connector =
-            Connector::new(&config.upstream, config.wait_upstream, health, upstream_tls)?;
+        let connector = Connector::new(
+            &config.upstream,
+            config.wait_upstream,
+            health.clone(),
+            upstream_tls,
+        )?;
         let registry = Arc::new(Registry::default());
-        let proxy = Proxy::new(&config, Pool::new(connector), registry);
+        let proxy = Proxy::new(&config, Pool::new(connector), registry, health);
         Ok(Server {
             listener,
             proxy: Arc::new(proxy),
@@ -138,10 +147,13 @@ impl Server {
                  through this shim"
             );
         }
-        if let Some(stall_after) = config.stall_after {
-            tokio::spawn(inflight::watchdog(proxy.registry.clone(), stall_after));
-        }
-        tokio::spawn(proxy.pool.clone().reap_idle());
+        tokio::spawn(inflight::watchdog(
+            proxy.registry.clone(),
+            Rules {
+                stall_after: config.stall_after,
+                upstream_timeout: config.upstream_timeout,
+            },
+        ));
 
         let limits = &config.limits;
         let mut http = http1::Builder::new();
@@ -201,11 +213,11 @@ impl Server {
             let (handshake_failures, slow_heads) = (handshake_failures.clone(), slow_heads.clone());
             tokio::spawn(async move {
                 let _slot = slot; // held for the life of the connection
-                let io = match tls {
-                    None => ClientStream::Plain(stream),
+                let io: Stream = match tls {
+                    None => Box::new(stream),
                     Some(acceptor) => {
                         match accept_tls(acceptor, stream, peer, &handshake_failures).await {
-                            Some(tls) => ClientStream::Tls(Box::new(tls)),
+                            Some(tls) => Box::new(tls),
                             None => return,
                         }
                     }
@@ -217,9 +229,8 @@ impl Server {
                         let serving = clock.serve();
                         let (proxy, client) = (proxy.clone(), client.clone());
                         async move {
-                            let response = proxy.handle(client, req).await;
                             Ok::<_, std::convert::Infallible>(
-                                response.map(|body| Served::new(body, serving)),
+                                proxy.handle(client, serving, req).await,
                             )
                         }
                     })
@@ -231,7 +242,7 @@ impl Server {
                 let conn = watcher.watch(http.serve_connection(io, service));
                 tokio::select! {
                     ended = conn => if let Err(e) = ended {
-                        debug!(client = %peer, error = %crate::body::error_chain(&e), "connection ended with an error");
+                        debug!(client = %peer, error = %crate::error::chain(&e), "connection ended with an error");
                     },
                     expired = clock.expired(header_timeout, idle_timeout) => match expired {
                         Expired::Head => slow_heads.warn(peer, &format!("closed a connection: {expired} ({} s)", header_timeout.as_secs_f64())),
@@ -248,12 +259,20 @@ impl Server {
             "shutting down: no new connections; letting {in_flight} request(s) in flight finish for up to {:.1} s",
             config.drain.as_secs_f64()
         );
-        if tokio::time::timeout(config.drain, graceful.shutdown())
+        let drained = graceful.shutdown();
+        tokio::pin!(drained);
+        if tokio::time::timeout(config.drain, &mut drained)
             .await
             .is_err()
         {
             let table = proxy.registry.table(std::time::Instant::now());
             warn!("drain time (--drain) is over; exiting with {table}");
+            proxy
+                .registry
+                .cut_off_all("glance-shim shut down before the request finished (--drain ran out)");
+            // Requests cut off before glance answered get a 503, the others an aborted connection;
+            // whatever is still open after this is dropped with the runtime.
+            let _ = tokio::time::timeout(CUT_OFF_GRACE, &mut drained).await;
         } else {
             info!("all connections closed; exiting");
         }
@@ -261,29 +280,33 @@ impl Server {
 }
 
 /// Answers a connection over `--max-connections` with a 503 and closes it, without reading it.
-async fn refuse(mut stream: TcpStream) {
-    let body = br#"{"message": "glance-shim has --max-connections connections open; retry later", "code": 503, "title": "Service Unavailable"}"#;
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
-        body.len()
+async fn refuse(stream: TcpStream) {
+    let answer = answer_raw(
+        stream,
+        "503 Service Unavailable\r\nRetry-After: 1",
+        "glance-shim has --max-connections connections open; retry later",
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(body).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
-/// A client connection, plain or TLS.
-enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+/// Answers a connection hyper is not serving with a JSON error, and closes it. `status` is the
+/// status line's code and reason, and any extra header lines.
+async fn answer_raw(mut stream: TcpStream, status: &str, message: &str) {
+    let code = &status[..3];
+    let title = status[4..].split('\r').next().unwrap_or("");
+    let body = serde_json::json!({"message": message, "code": code.parse::<u16>().unwrap_or(0), "title": title})
+        .to_string();
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// A client connection as hyper sees it: reads also drive its phase clock.
 struct ClientIo {
-    stream: ClientStream,
+    stream: Stream,
     clock: Arc<Clock>,
 }
 
@@ -295,10 +318,7 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let read = match &mut this.stream {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        };
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.clock.read();
         }
@@ -312,10 +332,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -323,31 +340,19 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            ClientStream::Plain(s) => s.is_write_vectored(),
-            ClientStream::Tls(s) => s.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -355,10 +360,10 @@ impl AsyncWrite for ClientIo {
 /// HTTP 400 that says so; any failure is logged through `failures` and ends the connection.
 async fn accept_tls(
     acceptor: TlsAcceptor,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     failures: &RateLimited,
-) -> Option<TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
@@ -368,14 +373,8 @@ async fn accept_tls(
     if first[0] != 0x16 {
         failures.warn(peer, "plain HTTP sent to the TLS port");
         if first[0].is_ascii_alphabetic() {
-            let body = br#"{"message": "this port of glance-shim speaks TLS: use https://", "code": 400, "title": "Bad Request"}"#;
-            let head = format!(
-                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body).await;
-            let _ = stream.shutdown().await;
+            let message = "this port of glance-shim speaks TLS: use https://";
+            answer_raw(stream, "400 Bad Request", message).await;
         }
         return None;
     }

@@ -4,7 +4,7 @@
 //!
 //! The crypto provider is *ring*: it builds with a C compiler alone (aws-lc-rs would need cmake).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -16,47 +16,99 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
+/// A TLS file or setting that cannot be used; each names the flag and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {}: {error}", path.display())]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{flag} {}: not a valid PEM file: {error}", path.display())]
+    Pem {
+        flag: &'static str,
+        path: PathBuf,
+        error: rustls::pki_types::pem::Error,
+    },
+    #[error("{flag} {}: no certificate in it (expected PEM blocks of BEGIN CERTIFICATE)", path.display())]
+    NoCertificate { flag: &'static str, path: PathBuf },
+    #[error(
+        "--tls-key {}: no private key in it ({error}); expected a PEM PKCS#8, RSA or EC private key",
+        path.display()
+    )]
+    NoKey {
+        path: PathBuf,
+        error: rustls::pki_types::pem::Error,
+    },
+    #[error("--tls-key {} does not belong to the certificate in --tls-cert {}", key.display(), cert.display())]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
+    #[error("--tls-key {}: {error}", path.display())]
+    Key { path: PathBuf, error: rustls::Error },
+    #[error("--upstream-ca {}: unusable certificate: {error}", path.display())]
+    UnusableCa { path: PathBuf, error: rustls::Error },
+    #[error("--upstream: {name} cannot be checked against a certificate: {error}")]
+    ServerName {
+        name: String,
+        error: rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("TLS setup: {0}")]
+    Setup(rustls::Error),
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
 /// Every certificate in a PEM file; an error names the flag, the file and the problem.
-fn certificates(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let text = std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+fn certificates(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let text = std::fs::read(path).map_err(|error| TlsError::Read {
+        flag,
+        path: path.to_owned(),
+        error,
+    })?;
     let certs = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{flag} {}: not a valid PEM file: {e}", path.display()))?;
+        .map_err(|error| TlsError::Pem {
+            flag,
+            path: path.to_owned(),
+            error,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{flag} {}: no certificate in it (expected PEM blocks of BEGIN CERTIFICATE)",
-            path.display()
-        ));
+        return Err(TlsError::NoCertificate {
+            flag,
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
 
 /// The server side: a certificate chain and its private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates("--tls-cert", cert)?;
-    let key_bytes = std::fs::read(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
-    let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-        format!(
-            "--tls-key {}: no private key in it ({e}); expected a PEM PKCS#8, RSA or EC private key",
-            key.display()
-        )
+    let key_bytes = std::fs::read(key).map_err(|error| TlsError::Read {
+        flag: "--tls-key",
+        path: key.to_owned(),
+        error,
+    })?;
+    let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|error| TlsError::NoKey {
+        path: key.to_owned(),
+        error,
     })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(TlsError::Setup)?
         .with_no_client_auth()
         .with_single_cert(chain, private)
         .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => format!(
-                "--tls-key {} does not belong to the certificate in --tls-cert {}",
-                key.display(),
-                cert.display()
-            ),
-            other => format!("--tls-key {}: {other}", key.display()),
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                key: key.to_owned(),
+                cert: cert.to_owned(),
+            },
+            error => TlsError::Key {
+                path: key.to_owned(),
+                error,
+            },
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -71,10 +123,10 @@ pub enum Trust<'a> {
 }
 
 /// The client side, for `--upstream https://...`.
-pub fn client_config(trust: Trust<'_>) -> Result<Arc<ClientConfig>, String> {
+pub fn client_config(trust: Trust<'_>) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(TlsError::Setup)?;
     let mut config = match trust {
         Trust::Verify { extra_ca } => {
             let mut roots = RootCertStore::empty();
@@ -83,11 +135,9 @@ pub fn client_config(trust: Trust<'_>) -> Result<Arc<ClientConfig>, String> {
             roots.add_parsable_certificates(native.certs);
             if let Some(path) = extra_ca {
                 for cert in certificates("--upstream-ca", path)? {
-                    roots.add(cert).map_err(|e| {
-                        format!(
-                            "--upstream-ca {}: unusable certificate: {e}",
-                            path.display()
-                        )
+                    roots.add(cert).map_err(|error| TlsError::UnusableCa {
+                        path: path.to_owned(),
+                        error,
                     })?;
                 }
             }
@@ -105,12 +155,15 @@ pub fn client_config(trust: Trust<'_>) -> Result<Arc<ClientConfig>, String> {
 }
 
 /// The name the upstream's certificate must carry, and the SNI sent (none for an IP address).
-pub fn server_name(host: &crate::config::Host) -> Result<ServerName<'static>, String> {
+pub fn server_name(host: &crate::config::Host) -> Result<ServerName<'static>, TlsError> {
     match host {
         crate::config::Host::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
-        crate::config::Host::Name(name) => ServerName::try_from(name.clone()).map_err(|e| {
-            format!("--upstream: {name} cannot be checked against a certificate: {e}")
-        }),
+        crate::config::Host::Name(name) => {
+            ServerName::try_from(name.clone()).map_err(|error| TlsError::ServerName {
+                name: name.clone(),
+                error,
+            })
+        }
     }
 }
 
@@ -153,6 +206,14 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         self.0.supported_schemes()
     }
 }
+
+/// A connection, plain or TLS: a client's to the shim, or the shim's to an https upstream.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A connection of either kind; one allocation per connection buys one type for both.
+pub type Stream = Box<dyn Io>;
 
 /// Why a TLS handshake with the upstream failed, in words, from the error tokio-rustls returns.
 pub fn describe_upstream_failure(err: &std::io::Error, name: &str) -> (bool, String) {
@@ -294,33 +355,36 @@ mod tests {
         let k2 = write(&dir, "other.pem", &other.serialize_pem());
         let junk = write(&dir, "junk.pem", "hello\n");
 
-        let e = server_config(&dir.join("missing.pem"), &k).unwrap_err();
+        let e = server_config(&dir.join("missing.pem"), &k)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("--tls-cert ") && e.contains("missing.pem") && e.contains("No such file"),
             "{e}"
         );
-        let e = server_config(&junk, &k).unwrap_err();
+        let e = server_config(&junk, &k).unwrap_err().to_string();
         assert!(
             e.starts_with("--tls-cert ") && e.contains("no certificate"),
             "{e}"
         );
-        let e = server_config(&c, &junk).unwrap_err();
+        let e = server_config(&c, &junk).unwrap_err().to_string();
         assert!(
             e.starts_with("--tls-key ") && e.contains("no private key"),
             "{e}"
         );
-        let e = server_config(&c, &c).unwrap_err();
+        let e = server_config(&c, &c).unwrap_err().to_string();
         assert!(
             e.starts_with("--tls-key ") && e.contains("no private key"),
             "a certificate is not a key: {e}"
         );
-        let e = server_config(&c, &k2).unwrap_err();
+        let e = server_config(&c, &k2).unwrap_err().to_string();
         assert!(e.contains("does not belong to the certificate"), "{e}");
         let e = client_config(Trust::Verify {
             extra_ca: Some(&junk),
         })
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(
             e.starts_with("--upstream-ca ") && e.contains("no certificate"),
             "{e}"

@@ -1,43 +1,53 @@
 //! The connection to the upstream glance-api: a connector that knows the one address it may reach,
-//! holds requests while the upstream is down (`--wait-upstream`), and says once, not per request, when
-//! the upstream goes away and comes back; and the keep-alive pool of HTTP/1.1 connections built on it.
+//! speaks TLS to an https upstream, holds requests while the upstream is down (`--wait-upstream`), and
+//! says once, not per request, when the upstream goes away and comes back; and hyper-util's pooled
+//! client on top of it, which keeps connections alive and never sends a request twice unless it was
+//! handed back unwritten from a pooled connection that had closed.
 
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::body::RequestBody;
-use crate::config::{HostPort, Upstream};
+use crate::config::Upstream;
+use crate::tls::{Io, Stream, TlsError};
 
 /// How long one TCP connect may take before it counts as failed. Loopback refuses or accepts at once;
 /// this only bounds a remote upstream whose SYNs go unanswered.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the upstream could not be reached.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Nothing listens there (connection refused), even after waiting `waited`.
+    #[error("nothing listens on {addr} (connection refused){}",
+        waited.map(|w| format!(", still after waiting {:.1} s", w.as_secs_f64())).unwrap_or_default())]
     Refused {
         addr: String,
         waited: Option<Duration>,
     },
     /// No answer to the connect within [`CONNECT_TIMEOUT`].
+    #[error("{addr} did not accept a connection within {} s", CONNECT_TIMEOUT.as_secs())]
     TimedOut { addr: String },
-    /// The upstream host name did not resolve.
-    Resolve { addr: String, reason: String },
     /// Any other connect failure.
+    #[error("cannot connect to {addr}: {reason}")]
     Io { addr: String, reason: String },
     /// The TLS handshake with an https upstream failed; `untrusted` when its certificate was refused.
+    #[error("{message}")]
     Tls {
         addr: String,
         message: String,
@@ -45,44 +55,38 @@ pub enum ConnectError {
     },
 }
 
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Refused { addr, waited: None } => {
-                write!(f, "nothing listens on {addr} (connection refused)")
-            }
-            ConnectError::Refused {
-                addr,
-                waited: Some(w),
-            } => write!(
-                f,
-                "nothing listens on {addr} (connection refused), still after waiting {:.1} s",
-                w.as_secs_f64()
-            ),
-            ConnectError::TimedOut { addr } => write!(
-                f,
-                "{addr} did not accept a connection within {} s",
-                CONNECT_TIMEOUT.as_secs()
-            ),
-            ConnectError::Resolve { addr, reason } => write!(f, "cannot resolve {addr}: {reason}"),
-            ConnectError::Io { addr, reason } => write!(f, "cannot connect to {addr}: {reason}"),
-            ConnectError::Tls { message, .. } => f.write_str(message),
-        }
-    }
-}
-
-impl std::error::Error for ConnectError {}
-
-/// Whether the upstream is known to be down, so an outage is logged once when it starts and once
-/// when it ends instead of once per request.
+/// What the shim has learnt about its upstream: whether it is down (so an outage is logged once when
+/// it starts and once when it ends, not once per request), and whether it answers
+/// `Expect: 100-continue` (uWSGI never does: bodies then go to it without waiting).
 #[derive(Debug, Default)]
 pub struct Health {
     down: AtomicBool,
+    ignores_expect: AtomicBool,
 }
 
 impl Health {
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Relaxed)
+    }
+
+    /// True once the upstream let an `Expect: 100-continue` go unanswered.
+    pub fn ignores_expect(&self) -> bool {
+        self.ignores_expect.load(Ordering::Relaxed)
+    }
+
+    /// The upstream said nothing to an `Expect: 100-continue`: later bodies are not held back for it.
+    pub fn upstream_ignores_expect(&self) {
+        if !self.ignores_expect.swap(true, Ordering::Relaxed) {
+            info!(
+                "the upstream does not answer Expect: 100-continue (uWSGI never does); request bodies \
+                 go to it at once from now on"
+            );
+        }
+    }
+
+    /// The upstream answered an `Expect: 100-continue`.
+    pub fn upstream_answers_expect(&self) {
+        self.ignores_expect.store(false, Ordering::Relaxed);
     }
 
     fn went_down(&self, addr: &str, wait: Option<Duration>) {
@@ -105,22 +109,21 @@ impl Health {
     fn came_back(&self, addr: &str) {
         if self.down.swap(false, Ordering::Relaxed) {
             info!("the upstream {addr} accepts connections again");
+            // Perhaps another server now (the debugger restarted glance under gunicorn, say).
+            self.upstream_answers_expect();
         }
     }
 }
 
-/// Connects to the configured upstream.
+/// Connects to the configured upstream, whatever URI the pool asks for.
 #[derive(Clone, Debug)]
 pub struct Connector {
     inner: Arc<ConnectorInner>,
 }
 
 struct ConnectorInner {
-    addr: HostPort,
-    /// `addr` as text, for messages.
+    /// The upstream's `HOST:PORT`, what is connected to and what messages name.
     display: String,
-    /// Pre-resolved when the upstream is an IP literal (the usual case): no lookup per connect.
-    fixed: Option<SocketAddr>,
     wait: Option<Duration>,
     health: Arc<Health>,
     /// For an https upstream: the client configuration and the name its certificate must carry.
@@ -137,11 +140,7 @@ impl Connector {
         wait: Option<Duration>,
         health: Arc<Health>,
         tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Result<Connector, String> {
-        let fixed = match &upstream.addr.host {
-            crate::config::Host::Ip(ip) => Some(SocketAddr::new(*ip, upstream.addr.port)),
-            crate::config::Host::Name(_) => None,
-        };
+    ) -> Result<Connector, TlsError> {
         let tls = match tls {
             Some(config) => Some((
                 tokio_rustls::TlsConnector::from(config),
@@ -151,9 +150,7 @@ impl Connector {
         };
         Ok(Connector {
             inner: Arc::new(ConnectorInner {
-                addr: upstream.addr.clone(),
                 display: upstream.addr.to_string(),
-                fixed,
                 wait,
                 health,
                 tls,
@@ -174,50 +171,28 @@ impl std::fmt::Debug for ConnectorInner {
 
 impl ConnectorInner {
     async fn connect_once(&self) -> Result<TcpStream, ConnectError> {
-        let addrs = match self.fixed {
-            Some(a) => vec![a],
-            None => {
-                let host = self.addr.to_string();
-                tokio::net::lookup_host(host)
-                    .await
-                    .map_err(|e| ConnectError::Resolve {
-                        addr: self.display.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .collect()
+        // An IP literal (the usual case) is parsed, not looked up; a name is resolved each time.
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.display.as_str())).await
+        {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Err(ConnectError::Refused {
+                    addr: self.display.clone(),
+                    waited: None,
+                })
             }
-        };
-        let mut last = None;
-        for addr in addrs {
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => return Ok(stream),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    last = Some(ConnectError::Refused {
-                        addr: self.display.clone(),
-                        waited: None,
-                    });
-                }
-                Ok(Err(e)) => {
-                    last = Some(ConnectError::Io {
-                        addr: self.display.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-                Err(_) => {
-                    last = Some(ConnectError::TimedOut {
-                        addr: self.display.clone(),
-                    })
-                }
-            }
+            Ok(Err(e)) => Err(ConnectError::Io {
+                addr: self.display.clone(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(ConnectError::TimedOut {
+                addr: self.display.clone(),
+            }),
         }
-        Err(last.unwrap_or_else(|| ConnectError::Resolve {
-            addr: self.display.clone(),
-            reason: "the name has no addresses".into(),
-        }))
     }
 
     /// Connects, retrying a refused connection until the `--wait-upstream` deadline.
-    async fn connect(&self) -> Result<TcpStream, ConnectError> {
+    async fn connect_tcp(&self) -> Result<TcpStream, ConnectError> {
         let started = Instant::now();
         let deadline = self.wait.map(|w| started + w);
         let mut backoff = Duration::from_millis(25);
@@ -248,49 +223,61 @@ impl ConnectorInner {
             }
         }
     }
-}
 
-/// Why a request could not be exchanged with the upstream.
-#[derive(Debug)]
-pub enum UpstreamError {
-    /// No connection could be made.
-    Connect(ConnectError),
-    /// The connection failed while sending the request or reading the response head.
-    Http(hyper::Error),
-}
-
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamError::Connect(e) => e.fmt(f),
-            UpstreamError::Http(e) => e.fmt(f),
+    /// A connection ready for HTTP: TCP, and the TLS handshake for an https upstream.
+    async fn connect(&self) -> Result<TokioIo<Stream>, ConnectError> {
+        let stream = self.connect_tcp().await?;
+        let Some((tls, name)) = &self.tls else {
+            return Ok(TokioIo::new(Box::new(stream)));
+        };
+        let name_text = match name {
+            rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_owned(),
+            rustls::pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+            other => format!("{other:?}"),
+        };
+        let failed = |message: String, untrusted: bool| ConnectError::Tls {
+            addr: self.display.clone(),
+            message,
+            untrusted,
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name.clone(), stream)).await {
+            Ok(Ok(stream)) => Ok(TokioIo::new(Box::new(stream))),
+            Ok(Err(e)) => {
+                let (untrusted, message) = crate::tls::describe_upstream_failure(&e, &name_text);
+                Err(failed(message, untrusted))
+            }
+            Err(_) => Err(failed(
+                format!(
+                    "the TLS handshake with the upstream ({name_text}) did not finish within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+                false,
+            )),
         }
     }
 }
 
-impl std::error::Error for UpstreamError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            UpstreamError::Connect(e) => Some(e),
-            UpstreamError::Http(e) => Some(e),
-        }
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = ConnectError;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<TokioIo<Stream>, ConnectError>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// The URI is ignored: the shim reaches its one upstream, whatever a request names.
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.connect().await })
     }
 }
 
-type Sender = SendRequest<RequestBody>;
-
-/// Keep-alive connections to the upstream.
-///
-/// A connection goes back to the pool only when a response ended cleanly on it (see [`Lease`]), so a
-/// connection whose response broke off, had bad framing or said `Connection: close` is never reused.
-/// A request is retried only when hyper hands it back unwritten from a pooled connection that turned
-/// out to be closed: a request that may have reached glance is never sent twice.
-#[derive(Debug)]
-pub struct Pool {
-    connector: Connector,
-    /// Idle connections, most recently used last, with when they went idle.
-    idle: Mutex<Vec<(Sender, Instant)>>,
-    http: http1::Builder,
+impl Connection for Box<dyn Io> {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
 }
 
 /// How long an idle upstream connection is kept: after a burst, the pool shrinks back.
@@ -299,145 +286,60 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upstream connections kept idle at most; more than glance ever needs, few enough to bound memory.
 const MAX_IDLE: usize = 256;
 
-impl Pool {
-    pub fn new(connector: Connector) -> Arc<Pool> {
-        let mut http = http1::Builder::new();
-        http.preserve_header_case(true);
-        Arc::new(Pool {
-            connector,
-            idle: Mutex::new(Vec::new()),
-            http,
-        })
-    }
-
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Closes idle connections unused for [`IDLE_TIMEOUT`]; runs for the life of the pool.
-    pub async fn reap_idle(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let now = Instant::now();
-            self.idle().retain(|(sender, since)| {
-                !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
-            });
-        }
-    }
-
-    /// The most recently used idle connection that is still open (the likeliest to still be alive).
-    fn checkout(&self) -> Option<Sender> {
-        let mut idle = self.idle();
-        while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    async fn open(&self) -> Result<Sender, UpstreamError> {
-        let inner = &self.connector.inner;
-        let stream = inner.connect().await.map_err(UpstreamError::Connect)?;
-        let Some((tls, name)) = &inner.tls else {
-            return self.handshake(TokioIo::new(stream)).await;
-        };
-        let failed = |message: String, untrusted: bool| {
-            UpstreamError::Connect(ConnectError::Tls {
-                addr: inner.display.clone(),
-                message,
-                untrusted,
-            })
-        };
-        let name_text = match name {
-            rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_owned(),
-            rustls::pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
-            other => format!("{other:?}"),
-        };
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name.clone(), stream))
-            .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                let (untrusted, message) = crate::tls::describe_upstream_failure(&e, &name_text);
-                return Err(failed(message, untrusted));
-            }
-            Err(_) => {
-                let message = format!(
-                    "the TLS handshake with the upstream ({name_text}) did not finish within {} s",
-                    CONNECT_TIMEOUT.as_secs()
-                );
-                return Err(failed(message, false));
-            }
-        };
-        self.handshake(TokioIo::new(stream)).await
-    }
-
-    /// HTTP/1.1 over an open connection; the connection's task runs until it closes.
-    async fn handshake<I>(&self, io: I) -> Result<Sender, UpstreamError>
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let (sender, conn) = self.http.handshake(io).await.map_err(UpstreamError::Http)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
-    }
-
-    /// Sends `req` and returns the response head with the lease on its connection.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
-                None => (self.open().await?, false),
-            };
-            if reused && sender.ready().await.is_err() {
-                continue; // closed while idle; nothing was sent on it
-            }
-            match sender.try_send_request(req).await {
-                Ok(res) => {
-                    return Ok((
-                        res,
-                        Lease {
-                            pool: self.clone(),
-                            sender: Some(sender),
-                        },
-                    ));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(UpstreamError::Http(e.into_error())),
-                },
-            }
-        }
-    }
-}
-
-/// The right to reuse the connection a response came on. Released into the pool when the response
-/// body has ended cleanly; dropped otherwise, which closes the connection once hyper is done with it.
+/// Keep-alive connections to the upstream, and the sending of requests on them.
+///
+/// A connection goes back to the pool only when its response ended cleanly, so one whose response
+/// broke off, had bad framing or said `Connection: close` is never reused. A request is sent again
+/// only when hyper hands it back unwritten from a pooled connection that turned out to be closed: a
+/// request that may have reached glance is never sent twice.
 #[derive(Debug)]
-pub struct Lease {
-    pool: Arc<Pool>,
-    sender: Option<Sender>,
+pub struct Pool {
+    client: Client<Connector, RequestBody>,
+    /// The upstream's scheme and authority, which the client wants in each request's URI.
+    scheme: Scheme,
+    authority: Authority,
 }
 
-impl Lease {
-    pub fn release(mut self) {
-        if let Some(sender) = self.sender.take()
-            && !sender.is_closed()
-        {
-            let mut idle = self.pool.idle();
-            if idle.len() < MAX_IDLE {
-                idle.push((sender, Instant::now()));
-            }
+impl Pool {
+    pub fn new(connector: Connector) -> Pool {
+        let scheme = Scheme::HTTP;
+        let authority = Authority::try_from(connector.inner.display.as_str())
+            .unwrap_or_else(|_| Authority::from_static("glance"));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(MAX_IDLE)
+            .pool_timer(TokioTimer::new())
+            .http1_preserve_header_case(true)
+            // The client's own Host goes to glance, as it came.
+            .set_host(false)
+            .build(connector);
+        Pool {
+            client,
+            scheme,
+            authority,
         }
+    }
+
+    /// Sends `req` (whose URI is the target in origin-form, as the client wrote it) and waits for the
+    /// response head.
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        // The pool is keyed by scheme and authority; the request is written in origin-form, its
+        // path and query exactly as they came.
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        self.client.request(req).await
     }
 }

@@ -4,28 +4,59 @@
 //! DevStack writes `http-socket = 127.0.0.1:PORT` (older DevStack: `http = 127.0.0.1:PORT`) into the
 //! `[uwsgi]` section, and proxies `/image` to that address. Only that much of the INI syntax is read.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::config::HostPort;
+use crate::config::{AddrError, HostPort};
+
+/// Why no address could be read from a uWSGI INI file.
+#[derive(Debug, thiserror::Error)]
+pub enum IniError {
+    #[error("{}: {error}{}", path.display(), if error.kind() == std::io::ErrorKind::NotFound {
+        " (not a DevStack host? give the file glance's uWSGI runs with, or use --listen)"
+    } else { "" })]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: {problem}", path.display())]
+    In { path: PathBuf, problem: IniProblem },
+}
+
+/// What is wrong inside the file.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IniProblem {
+    #[error(
+        "no http-socket (or http) line in its [uwsgi] section, so there is no TCP port to take over; \
+         use --listen"
+    )]
+    NoHttpSocket,
+    #[error("{key} = {value} is a unix socket; glance-shim listens on TCP only")]
+    UnixSocket { key: String, value: String },
+    #[error("{key} = {value}: {error}")]
+    BadAddress {
+        key: String,
+        value: String,
+        error: Box<AddrError>,
+    },
+}
 
 /// Where DevStack keeps glance-api's uWSGI configuration.
 pub const DEVSTACK_INI: &str = "/etc/glance/glance-uwsgi.ini";
 
 /// The TCP address uWSGI serves HTTP on, according to the `[uwsgi]` section of `path`.
-pub fn http_address(path: &Path) -> Result<HostPort, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::NotFound {
-            " (not a DevStack host? give the file glance's uWSGI runs with, or use --listen)"
-        } else {
-            ""
-        };
-        format!("{}: {e}{hint}", path.display())
+pub fn http_address(path: &Path) -> Result<HostPort, IniError> {
+    let text = std::fs::read_to_string(path).map_err(|error| IniError::Read {
+        path: path.to_owned(),
+        error,
     })?;
-    parse(&text).map_err(|why| format!("{}: {why}", path.display()))
+    parse(&text).map_err(|problem| IniError::In {
+        path: path.to_owned(),
+        problem,
+    })
 }
 
 /// The address from the text of a uWSGI INI file.
-pub fn parse(text: &str) -> Result<HostPort, String> {
+pub fn parse(text: &str) -> Result<HostPort, IniProblem> {
     let mut section = String::from("uwsgi"); // uWSGI reads keys before any header as [uwsgi]
     let mut found: Option<(String, String)> = None;
     for raw in text.lines() {
@@ -52,24 +83,22 @@ pub fn parse(text: &str) -> Result<HostPort, String> {
         }
     }
     let Some((key, value)) = found else {
-        return Err(
-            "no http-socket (or http) line in its [uwsgi] section, so there is no TCP port to \
-                    take over; use --listen"
-                .into(),
-        );
+        return Err(IniProblem::NoHttpSocket);
     };
-    let value = value.split(',').next().unwrap_or("").trim();
+    let value = value.split(',').next().unwrap_or("").trim().to_owned();
     if value.starts_with('/') || value.starts_with('@') {
-        return Err(format!(
-            "{key} = {value} is a unix socket; glance-shim listens on TCP only"
-        ));
+        return Err(IniProblem::UnixSocket { key, value });
     }
     // `:PORT` means every interface to uWSGI.
     let address = match value.strip_prefix(':') {
         Some(port) => format!("0.0.0.0:{port}"),
         None => value.to_owned(),
     };
-    HostPort::parse(&address, false).map_err(|why| format!("{key} = {value}: {why}"))
+    HostPort::parse(&address, false).map_err(|error| IniProblem::BadAddress {
+        key,
+        value,
+        error: Box::new(error),
+    })
 }
 
 #[cfg(test)]
@@ -77,7 +106,9 @@ mod tests {
     use super::*;
 
     fn addr(text: &str) -> Result<String, String> {
-        parse(text).map(|a| a.to_string())
+        parse(text)
+            .map(|a| a.to_string())
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -138,7 +169,9 @@ mod tests {
         assert!(e.contains("unix socket"), "{e}");
         let e = addr("[uwsgi]\nhttp-socket = 127.0.0.1:notaport\n").unwrap_err();
         assert!(e.contains("http-socket = 127.0.0.1:notaport"), "{e}");
-        let e = http_address(Path::new("/nonexistent/glance-uwsgi.ini")).unwrap_err();
+        let e = http_address(Path::new("/nonexistent/glance-uwsgi.ini"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("/nonexistent/glance-uwsgi.ini: ") && e.contains("--listen"),
             "{e}"

@@ -1,7 +1,7 @@
 //! Multi-gigabyte image uploads and downloads through the shim arrive intact (same sha256) while the
 //! shim's memory stays flat: nothing is gathered in memory or on disk.
 //!
-//! Size: `GLANCE_SHIM_BIG_GIB` gibibytes each way (default 5, as the requirement states).
+//! The quick tier moves 256 MiB each way; the long tier (`cargo test -- --ignored`) 5 GiB.
 
 mod util;
 
@@ -9,19 +9,21 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use util::*;
 
-const RSS_LIMIT: u64 = 32 << 20;
+/// The peak RSS README promises for a transfer of any size.
+const RSS_LIMIT: u64 = 12 << 20;
 
-fn size() -> u64 {
-    let gib: f64 = std::env::var("GLANCE_SHIM_BIG_GIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5.0);
-    (gib * (1u64 << 30) as f64) as u64
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarter_gibibyte_up_and_down_with_equal_sha256_and_flat_memory() {
+    up_and_down(256 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gigabytes_up_and_down_with_equal_sha256_and_flat_memory() {
-    let n = size();
+#[ignore = "long: 5 GiB each way"]
+async fn five_gibibytes_up_and_down_with_equal_sha256_and_flat_memory() {
+    up_and_down(5 << 30).await;
+}
+
+async fn up_and_down(n: u64) {
     let echo = Echo::start().await;
     let shim = Shim::start(&echo.port(), &[]).await;
     let expected = tokio::task::spawn_blocking(move || Pattern::sha256(n));

@@ -40,13 +40,10 @@ fn assignments(text: &str, sep: char) -> Vec<(String, String)> {
 }
 
 /// A copy of DevStack's sample glance-uwsgi.ini whose http-socket is a free port, so the shim can
-/// really take it over here.
-fn uwsgi_ini_with_free_port(dir: &Path) -> (PathBuf, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+/// really take it over here. The port stays reserved while the returned guard is held.
+fn uwsgi_ini_with_free_port(dir: &Path) -> (PathBuf, u16, Reserved) {
+    let reserved = Reserved::new();
+    let port = reserved.port;
     let sample = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/glance-uwsgi.ini"),
     )
@@ -57,7 +54,7 @@ fn uwsgi_ini_with_free_port(dir: &Path) -> (PathBuf, u16) {
         sample.replace("127.0.0.1:60999", &format!("127.0.0.1:{port}")),
     )
     .unwrap();
-    (path, port)
+    (path, port, reserved)
 }
 
 #[test]
@@ -133,7 +130,7 @@ fn the_systemd_unit_is_hardened_and_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_env_file_starts_the_takeover_topology() {
     let dir = tempdir("env");
-    let (ini, port) = uwsgi_ini_with_free_port(&dir);
+    let (ini, port, _reserved) = uwsgi_ini_with_free_port(&dir);
     let vars = assignments(&read("systemd/glance-shim.env"), '=');
     assert!(
         vars.iter().all(|(k, _)| k.starts_with("GLANCE_SHIM_")),
@@ -168,7 +165,7 @@ async fn the_vscode_task_starts_the_shim_and_its_pattern_sees_it_ready() {
     }
     assert_eq!(task["command"], "glance-shim");
     let dir = tempdir("task");
-    let (ini, port) = uwsgi_ini_with_free_port(&dir);
+    let (ini, port, _reserved) = uwsgi_ini_with_free_port(&dir);
     let args: Vec<String> = task["args"]
         .as_array()
         .unwrap()
@@ -265,7 +262,9 @@ fn every_command_line_in_the_docs_parses() {
                 }
             }
             seen += 1;
-            match glance_shim::cli::parse(std::iter::once("glance-shim".to_owned()).chain(args)) {
+            match glance_shim::cli::parse_args_only(
+                std::iter::once("glance-shim".to_owned()).chain(args),
+            ) {
                 glance_shim::cli::Parsed::Run(_) => {}
                 other => panic!("{doc}: `{line}` does not parse: {other:?}"),
             }

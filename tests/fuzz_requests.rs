@@ -207,11 +207,18 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_random_and_mutated_streams() {
+    random_and_mutated_streams(1_000).await;
+}
+
+/// The long tier (`cargo test -- --ignored`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 10,000 streams"]
 async fn ten_thousand_random_and_mutated_streams() {
-    let count: usize = std::env::var("GLANCE_SHIM_FUZZ_STREAMS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    random_and_mutated_streams(10_000).await;
+}
+
+async fn random_and_mutated_streams(count: usize) {
     let seed: u64 = std::env::var("GLANCE_SHIM_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

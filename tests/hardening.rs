@@ -85,68 +85,84 @@ async fn closed_after(conn: &mut Conn, since: Instant) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
+    // The two timeouts far apart, so that which one closed a connection shows in a lower bound (a
+    // timer never fires early), however loaded the machine is.
+    const HEAD: Duration = Duration::from_secs(1);
+    const IDLE: Duration = Duration::from_secs(6);
     let echo = Echo::start().await;
     let shim = Shim::start(
         &echo.port(),
-        &["--header-timeout", "1s", "--idle-timeout", "3s"],
+        &["--header-timeout", "1s", "--idle-timeout", "6s"],
     )
     .await;
-    // Trickles a byte every 100 ms, never finishing its head: closed a second after its first byte.
-    let mut slow = Conn::connect(shim.addr).await;
-    let started = Instant::now();
-    slow.write(b"GET / HTTP/1.1\r\n").await;
-    for _ in 0..50 {
-        if slow.stream.write_all(b"X").await.is_err() {
-            break;
+    let addr = shim.addr;
+    // Trickles a byte every 100 ms, never finishing its head: closed by the head timeout.
+    let slowloris = tokio::spawn(async move {
+        let mut slow = Conn::connect(addr).await;
+        let started = Instant::now();
+        slow.write(b"GET / HTTP/1.1\r\n").await;
+        while started.elapsed() < PATIENCE {
+            if slow.stream.write_all(b"X").await.is_err() {
+                break;
+            }
+            // The client's own pace: this is what a slowloris does, not a wait for the shim.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.stream.try_read(&mut [0u8; 1]).is_ok_and(|n| n == 0) {
+                break;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let held = closed_after(&mut slow, started).await;
-    assert!(
-        held < Duration::from_millis(2500),
-        "the slow client was held {held:?}"
-    );
-
+        started.elapsed()
+    });
     // Connected and silent: idle, so closed after --idle-timeout, not --header-timeout.
-    let mut silent = Conn::connect(shim.addr).await;
-    let held = closed_after(&mut silent, Instant::now()).await;
-    assert!(
-        held > Duration::from_millis(2500) && held < Duration::from_millis(4500),
-        "a silent connection was closed after {held:?}"
-    );
-
+    let silent = tokio::spawn(async move {
+        let mut silent = Conn::connect(addr).await;
+        closed_after(&mut silent, Instant::now()).await
+    });
     // Idle after a request, then the next head starts but never ends: timed from its first byte.
-    let mut late = Conn::connect(shim.addr).await;
-    late.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    let head = late.read_head().await;
-    late.read_body(&head).await;
-    // Timed from the end of the response instead, it would close 200 ms after the first byte; by the
-    // idle timeout, 2.2 s after it.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let first_byte = Instant::now();
-    late.send("GET /b HTTP/1.1\r\n").await;
-    let held = closed_after(&mut late, first_byte).await;
-    assert!(
-        held > Duration::from_millis(700) && held < Duration::from_millis(1800),
-        "a late, incomplete head was closed {held:?} after its first byte"
-    );
-
+    let late = tokio::spawn(async move {
+        let mut late = Conn::connect(addr).await;
+        late.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        let head = late.read_head().await;
+        late.read_body(&head).await;
+        // Timed from the end of the response instead, the head would be cut 200 ms after its first
+        // byte; by the idle timeout, over 5 s after it.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let first_byte = Instant::now();
+        late.send("GET /b HTTP/1.1\r\n").await;
+        closed_after(&mut late, first_byte).await
+    });
     // An idle keep-alive connection after one request.
-    let mut idle = Conn::connect(shim.addr).await;
-    idle.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    let head = idle.read_head().await;
-    idle.read_body(&head).await;
-    let held = closed_after(&mut idle, Instant::now()).await;
+    let idle = tokio::spawn(async move {
+        let mut idle = Conn::connect(addr).await;
+        idle.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        let head = idle.read_head().await;
+        idle.read_body(&head).await;
+        closed_after(&mut idle, Instant::now()).await
+    });
+    let slowloris = slowloris.await.unwrap();
     assert!(
-        held > Duration::from_millis(2500) && held < Duration::from_millis(4500),
-        "an idle keep-alive connection was closed after {held:?}"
+        slowloris >= HEAD && slowloris < IDLE,
+        "the slow client was held {slowloris:?}"
     );
-    let lines = shim.lines();
-    let slow_heads = lines
-        .iter()
-        .filter(|l| msg(l).contains("did not arrive within --header-timeout"))
-        .count();
-    assert!(slow_heads >= 1, "{}", shim.dump());
+    let silent = silent.await.unwrap();
+    assert!(
+        silent >= IDLE,
+        "a silent connection was closed after {silent:?}"
+    );
+    let late = late.await.unwrap();
+    assert!(
+        late >= Duration::from_millis(700) && late < IDLE - Duration::from_millis(800),
+        "a late, incomplete head was closed {late:?} after its first byte"
+    );
+    let idle = idle.await.unwrap();
+    assert!(
+        idle >= IDLE,
+        "an idle keep-alive connection was closed after {idle:?}"
+    );
+    shim.wait_for("the slow head's warning", |l| {
+        msg(l).contains("did not arrive within --header-timeout")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +241,8 @@ async fn past_max_connections_new_ones_get_503_and_open_ones_keep_working() {
             after = Some(answer);
             break;
         }
-        // The shim frees a slot when it sees the close; no signal reaches the client for that.
+        // The shim frees a slot when it reads the close, and nothing tells the client when that
+        // happened: try again until it has (the loop ends at the first success).
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
@@ -263,12 +280,16 @@ async fn content_length_with_transfer_encoding_chunked_wins_and_the_connection_c
         1,
         "nothing after the closing response"
     );
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), up.accept())
-            .await
-            .is_err(),
+    // Had the smuggled request been forwarded, it would have gone before the client's connection
+    // closed, on the idle upstream connection: the next request there must be this marker.
+    let marker = tokio::spawn(get(shim.addr, "/marker"));
+    assert_eq!(
+        conn.read_head().await.start,
+        "GET /marker HTTP/1.1",
         "the trailing request is not forwarded"
     );
+    conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
+    assert_eq!(marker.await.unwrap().0.status(), 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,9 +309,9 @@ async fn ambiguous_framing_and_malformed_fields_get_400() {
         b"GET /\x7f HTTP/1.1\r\nHost: h\r\n\r\n",
     ] {
         let answer = send_raw(shim.addr, bad).await;
-        let status = status_of(&answer);
-        assert!(
-            status.is_some_and(|s| (400..500).contains(&s)),
+        assert_eq!(
+            status_of(&answer),
+            Some(400),
             "{:?} -> {:?}",
             String::from_utf8_lossy(bad),
             String::from_utf8_lossy(&answer)
@@ -307,26 +328,43 @@ async fn ambiguous_framing_and_malformed_fields_get_400() {
 async fn an_upstream_response_with_broken_framing_is_a_502_and_its_connection_is_not_reused() {
     let up = RawUpstream::bind().await;
     let shim = Shim::start(&up.port(), &[]).await;
-    for broken in [
+    for (n, broken) in [
         "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
         "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
-    ] {
-        let client = tokio::spawn(get(shim.addr, "/v2/images"));
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut client = Conn::connect(shim.addr).await;
+        client
+            .send("GET /v2/images HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await;
         let mut conn = up.accept().await;
         conn.read_head().await;
         conn.send(broken).await;
-        let (head, body) = tokio::time::timeout(PATIENCE, client)
-            .await
-            .unwrap()
-            .unwrap();
-        // Broken in the head, or in the body's first chunk: nothing was relayed yet, so a 502.
-        assert_eq!(head.status(), 502, "{broken:?}");
-        assert!(
-            String::from_utf8_lossy(&body).contains("not valid HTTP/1.1"),
-            "{}",
-            String::from_utf8_lossy(&body)
-        );
+        let head = client.read_head().await;
+        if broken.contains("chunked") {
+            // Broken after a good head: the head was relayed as it came, and the body is aborted,
+            // never ended as if it were complete.
+            assert_eq!(head.status(), 200, "{broken:?}");
+            let rest = client.read_to_close().await;
+            assert!(!rest.ends_with(b"0\r\n\r\n"), "{rest:?}");
+        } else {
+            assert_eq!(head.status(), 502, "{broken:?}");
+            let body = client.read_body(&head).await;
+            assert!(
+                String::from_utf8_lossy(&body).contains("not valid HTTP/1.1"),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let done = shim
+            .wait_for_nth("the completion", n + 1, |l| {
+                completion(l) && field(l, "path") == "/v2/images"
+            })
+            .await;
+        assert_eq!(outcome(&done), "upstream_invalid", "{done}");
         // The next request must not go to the broken connection.
         let next = tokio::spawn(get(shim.addr, "/next"));
         let mut fresh = up.accept().await;
@@ -365,7 +403,7 @@ async fn upstream_killed_mid_upload_is_a_502_when_nothing_was_answered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_gone_mid_download_closes_the_upstream_connection_within_a_second() {
+async fn a_client_gone_mid_download_closes_the_upstream_connection() {
     let up = RawUpstream::bind().await;
     let shim = Shim::start(&up.port(), &[]).await;
     let mut client = Conn::connect(shim.addr).await;
@@ -386,23 +424,24 @@ async fn a_client_gone_mid_download_closes_the_upstream_connection_within_a_seco
     client.read_head().await;
     client.read_exact(1 << 20).await;
     drop(client);
-    let gone = Instant::now();
-    // Keep streaming as glance would: the writes must start failing within a second.
-    let mut failed = None;
-    while gone.elapsed() < PATIENCE {
+    // Keep streaming as glance would: the shim must close the connection instead of reading the
+    // rest of the gigabyte. What the socket buffers hold is a few MiB at most.
+    let mut written_after = 0u64;
+    while written_after < 1 << 30 {
         if conn.stream.write_all(&block).await.is_err() {
-            failed = Some(gone.elapsed());
             break;
         }
+        written_after += block.len() as u64;
     }
-    let failed = failed.expect("the shim never closed the upstream connection");
     assert!(
-        failed < Duration::from_secs(1),
-        "upstream connection closed after {failed:?}"
+        written_after < 64 << 20,
+        "the upstream could still write {} MiB after the client left",
+        written_after >> 20
     );
     let line = shim
-        .wait_for("the aborted line", |l| msg(l).starts_with("aborted"))
+        .wait_for("the aborted line", |l| outcome(l) == "client_gone")
         .await;
+    assert_eq!(field(&line, "ended_in"), "streaming");
     assert!(line["bytes_out"].as_u64().unwrap() >= 1 << 20);
     shim.signal("USR1");
     shim.wait_for("an empty table", |l| {
@@ -413,12 +452,17 @@ async fn a_client_gone_mid_download_closes_the_upstream_connection_within_a_seco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_upstream_with_64_requests_waiting_answers_them_all_after_it_resumes() {
-    let pause = Duration::from_secs(
-        std::env::var("GLANCE_SHIM_LONG_PAUSE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(120),
-    );
+    paused_upstream_with_64_requests(Duration::from_secs(2)).await;
+}
+
+/// The same for two minutes (the long tier: `cargo test -- --ignored`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: a 120 s pause"]
+async fn a_paused_upstream_with_64_requests_waiting_answers_them_all_after_120_s() {
+    paused_upstream_with_64_requests(Duration::from_secs(120)).await;
+}
+
+async fn paused_upstream_with_64_requests(pause: Duration) {
     let (open_gate, gate) = tokio::sync::watch::channel(false);
     let up = RawUpstream::bind().await;
     let shim = Shim::start(&up.port(), &["--stall-after", "1s"]).await;

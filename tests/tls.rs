@@ -86,6 +86,7 @@ async fn a_flood_of_failed_handshakes_is_logged_once_and_stops_nothing() {
     let ca = TestCa::new("flood CA");
     let stranger = TestCa::new("stranger CA");
     let shim = shim_with_tls(&echo.port(), &ca, &[]).await;
+    let started = std::time::Instant::now();
     for _ in 0..40 {
         // A client that does not trust the shim's certificate aborts the handshake.
         assert!(
@@ -109,7 +110,14 @@ async fn a_flood_of_failed_handshakes_is_logged_once_and_stops_nothing() {
             .unwrap();
     assert_eq!(head.status(), 200, "the accept loop is still serving");
     let warnings = shim.count(|l| field(l, "level") == "WARN" && msg(l).contains("TLS handshake"));
-    assert_eq!(warnings, 1, "50 failures, one line:\n{}", shim.dump());
+    // One line at once, then at most one per 10 s: one line, unless the machine was slow enough to
+    // spread the 50 failures over more than 10 s.
+    let allowed = 1 + started.elapsed().as_secs() / 10;
+    assert!(
+        (1..=allowed).contains(&(warnings as u64)),
+        "50 failures, {warnings} lines:\n{}",
+        shim.dump()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

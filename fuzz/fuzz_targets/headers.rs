@@ -61,7 +61,11 @@ fuzz_target!(|data: &[u8]| {
     let ids: Vec<_> = forwarded.get_all(&correlation::X_OPENSTACK_REQUEST_ID).iter().collect();
     assert_eq!(ids.len(), 1, "exactly one request id goes to glance");
     assert!(ids[0].len() <= correlation::MAX_CLIENT_ID_LEN && !ids[0].is_empty());
-    assert!(assigned.from_client || correlation::is_shim_style(&assigned.id));
+    // Either the client's own id, or `req-` and a lowercase uuid.
+    let shim_style = assigned.id.len() == 40
+        && assigned.id.starts_with("req-")
+        && assigned.id[4..].bytes().all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    assert!(assigned.from == correlation::IdFrom::Client || shim_style);
 
     let ip = HeaderValue::from_static("192.0.2.1");
     let host = forwarded.get("host").cloned();

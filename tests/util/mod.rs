@@ -62,7 +62,7 @@ impl Shim {
 
     /// Spawns the binary with exactly these arguments and environment additions.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Shim {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-shim"));
+        let mut cmd = shim_command();
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -72,6 +72,11 @@ impl Shim {
         }
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        // DEBUG_SHIM_RUST_LOG=trace cargo test ... shows what a shim under test did, hyper's and
+        // the pool's lines included.
+        if let Ok(v) = std::env::var("DEBUG_SHIM_RUST_LOG") {
+            cmd.env("RUST_LOG", v);
         }
         let mut child = cmd.spawn().expect("spawn glance-shim");
         let stderr = child.stderr.take().unwrap();
@@ -212,6 +217,55 @@ pub fn msg(line: &Value) -> &str {
     line["message"].as_str().unwrap_or("")
 }
 
+/// The `outcome` of a completion line ("" for any other line).
+pub fn outcome(line: &Value) -> &str {
+    field(line, "outcome")
+}
+
+/// True for a completion line (every request gets exactly one).
+pub fn completion(line: &Value) -> bool {
+    !outcome(line).is_empty()
+}
+
+/// A command for the shim binary with no `GLANCE_SHIM_*` variable of the caller's environment.
+pub fn shim_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-shim"));
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("GLANCE_SHIM_") {
+            cmd.env_remove(var);
+        }
+    }
+    cmd
+}
+
+/// A port on 127.0.0.1 that nothing listens on, kept from other programs while it is held: a bound,
+/// never-listening socket (connecting to it is refused), which `listen` turns into a listener in
+/// place, with no window in which anything else could take the port.
+pub struct Reserved {
+    socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl Reserved {
+    pub fn new() -> Reserved {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Lets a shim bind the same port (it sets SO_REUSEADDR too) while this socket holds it.
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        Reserved { socket, port }
+    }
+
+    pub fn port_str(&self) -> String {
+        self.port.to_string()
+    }
+
+    /// Starts listening on the reserved port.
+    pub fn listen(self) -> TcpListener {
+        self.socket.listen(1024).unwrap()
+    }
+}
+
 /// A log line's string field.
 pub fn field<'a>(line: &'a Value, name: &str) -> &'a str {
     line[name].as_str().unwrap_or("")
@@ -327,6 +381,19 @@ impl Conn {
         n
     }
 
+    /// Reads one message head, or `None` when the peer closes first.
+    pub async fn try_read_head(&mut self) -> Option<Head> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let raw: Vec<u8> = self.buf.drain(..end + 4).collect();
+                return Some(Head::parse(raw));
+            }
+            if self.fill().await == 0 {
+                return None;
+            }
+        }
+    }
+
     /// Reads one message head (up to and including the blank line).
     pub async fn read_head(&mut self) -> Head {
         loop {
@@ -390,9 +457,12 @@ impl Conn {
         body
     }
 
-    /// Reads a body framed as `head` says (Content-Length, chunked, or until close).
+    /// Reads a body framed as `head` says (Content-Length, chunked, or until close; none for a 204 or
+    /// 304 response).
     pub async fn read_body(&mut self, head: &Head) -> Vec<u8> {
-        if head
+        if head.start.starts_with("HTTP/") && matches!(head.status(), 204 | 304) {
+            Vec::new()
+        } else if head
             .get("transfer-encoding")
             .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
         {
