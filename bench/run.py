@@ -94,12 +94,14 @@ class Direct(Peer):
 class GlanceShim(Peer):
     name = "glance-shim"
 
-    def __init__(self, upstream_port, workdir, binary, log=True):
+    def __init__(self, upstream_port, workdir, binary, log=True, name=None):
         super().__init__(upstream_port, workdir)
         self.binary = binary
         self.log = log
         if not log:
             self.name = "glance-shim, log off"
+        if name:
+            self.name = name
 
     def start(self):
         port = free_port()
@@ -371,6 +373,9 @@ def main():
     ap.add_argument("--connections", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--peers", nargs="+", default=PEERS, choices=PEERS, help="proxies to compare")
     ap.add_argument("--shim", default=os.path.join(ROOT, "target/release/glance-shim"))
+    ap.add_argument("--build", action="append", default=[], metavar="NAME=PATH",
+                    help="another glance-shim binary to measure beside the others, e.g. the build "
+                         "before a change (repeatable)")
     ap.add_argument("--upstream", default=os.path.join(ROOT, "target/release/examples/bench-upstream"))
     ap.add_argument("--mitmdump", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "glance-shim-bench",
@@ -406,6 +411,9 @@ def main():
     try:
         wait_port(upstream_port, upstream)
         peers = [Direct(upstream_port, workdir)] + [make[name]() for name in args.peers]
+        for build in args.build:
+            name, path = build.split("=", 1)
+            peers.append(GlanceShim(upstream_port, workdir, os.path.abspath(path), name=f"glance-shim {name}"))
         runs = {p.name: [] for p in peers}
         for i in range(args.runs):
             print(f"run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
 use crate::exchange::{Continue, Exchange, ExchangeGuard, Mark, Outcome, Waiting};
-use crate::upstream::Health;
+use crate::upstream::{Health, Lease};
 
 /// How long glance may take to answer `Expect: 100-continue` before the body is sent anyway: what
 /// curl waits before it sends its body unasked.
@@ -263,6 +263,8 @@ enum Source {
 pub struct ResponseBody {
     source: Source,
     guard: ExchangeGuard,
+    /// The upstream connection, returned to the pool when the body ends cleanly.
+    lease: Option<Lease>,
     /// Set when glance answered while the request body was still held back for its 100 Continue.
     held_back: Option<Arc<ContinueSignal>>,
     /// False until hyper has had a chance to send the head (the body said Pending once, or gave a
@@ -287,11 +289,13 @@ impl ResponseBody {
     pub fn relay(
         inner: Incoming,
         guard: ExchangeGuard,
+        lease: Option<Lease>,
         held_back: Option<Arc<ContinueSignal>>,
     ) -> Self {
         ResponseBody {
             source: Source::Relay(inner),
             guard,
+            lease,
             held_back,
             head_out: false,
             failed_early: None,
@@ -304,6 +308,7 @@ impl ResponseBody {
         ResponseBody {
             source: Source::Own(Some(bytes)),
             guard,
+            lease: None,
             held_back: None,
             head_out: true,
             failed_early: None,
@@ -393,8 +398,12 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // hyper stops polling once `is_end_stream` says so, so the end cannot wait for a `None`.
-        if self.ended || self.is_end_stream() {
-            self.exchange().end(Outcome::Completed, None);
+        // Only a connection whose response ended cleanly is worth reusing.
+        if (self.ended || self.is_end_stream())
+            && self.exchange().end(Outcome::Completed, None)
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
         }
         // Otherwise the client went away, unless something else already ended the request: the
         // guard settles that when it drops, right after this.

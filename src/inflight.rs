@@ -6,7 +6,7 @@
 //! A request enters the registry when it arrives and leaves it when its [`ExchangeGuard`] is dropped.
 //! The SIGUSR1 table and the drain report are printed from here.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,15 +14,15 @@ use std::time::{Duration, Instant};
 use crate::exchange::{Exchange, ExchangeGuard, Outcome, Waiting};
 use crate::keepalive::Serving;
 
-/// Every request in flight.
+/// Every request in flight, by serial number: oldest first.
 #[derive(Debug, Default)]
 pub struct Registry {
-    open: Mutex<HashMap<u64, Arc<Exchange>>>,
+    open: Mutex<BTreeMap<u64, Arc<Exchange>>>,
     next_serial: AtomicU64,
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Exchange>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Exchange>>> {
         // A panic while holding this lock cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still usable.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
@@ -54,9 +54,7 @@ impl Registry {
 
     /// A snapshot, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<Exchange>> {
-        let mut all: Vec<Arc<Exchange>> = self.lock().values().cloned().collect();
-        all.sort_by_key(|e| e.serial);
-        all
+        self.lock().values().cloned().collect()
     }
 
     /// Applies the watchdog's rules to every request as of `now`.

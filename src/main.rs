@@ -34,7 +34,7 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> Result<ExitCode, StartError> {
     // Dropped last: writes out every line still queued, the cut-off requests' among them.
-    let _log = logging::init(&config)?;
+    let log = logging::init(&config)?;
     // One thread, like one nginx worker: a debugging proxy's load fits on one core, and on a small
     // machine the client, the shim and glance compete for cores, where cross-thread wake-ups only
     // add context switches (measured in bench/README.md).
@@ -43,6 +43,7 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
         .build()
         .map_err(StartError::Runtime)?;
     let code = runtime.block_on(async {
+        tokio::spawn(log.flusher());
         let listener = server::bind_listener(&config)
             .map_err(|error| StartError::bind(&config.listen, error))?;
         let server = server::Server::new(listener, config)?;

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, Version, header};
 use hyper::body::{Body, Incoming};
-use hyper_util::client::legacy::connect::capture_connection;
 
 use crate::body::{ContinueGate, ContinueSignal, RequestBody, ResponseBody};
 use crate::config::Config;
@@ -23,11 +22,11 @@ use crate::exchange::{Client, Continue, Exchange, ExchangeGuard, Mark, Outcome};
 use crate::headers::{self, Forwarded};
 use crate::inflight::Registry;
 use crate::keepalive::Serving;
-use crate::upstream::{Health, Pool};
+use crate::upstream::{Health, Lease, Pool};
 
 /// What every request needs, shared by all connections.
 pub struct Proxy {
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     pub registry: Arc<Registry>,
     health: Arc<Health>,
     /// The upstream address as text, for messages.
@@ -42,7 +41,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, pool: Pool, registry: Arc<Registry>, health: Arc<Health>) -> Proxy {
+    pub fn new(
+        config: &Config,
+        pool: Arc<Pool>,
+        registry: Arc<Registry>,
+        health: Arc<Health>,
+    ) -> Proxy {
         Proxy {
             pool,
             registry,
@@ -119,34 +123,27 @@ impl Proxy {
             });
         }
 
-        let response = {
-            let mut connection = capture_connection(&mut req);
-            let sent = self.pool.send(req);
-            tokio::pin!(sent);
-            let mut marked = false;
-            loop {
-                tokio::select! {
-                    response = &mut sent => break response,
-                    outcome = exchange.cut_off_wait() => {
-                        let err = match outcome {
-                            Outcome::TimedOut => {
-                                ProxyError::Timeout(self.upstream_timeout.unwrap_or_default())
-                            }
-                            _ => ProxyError::Drained,
-                        };
-                        return self.answer(err, guard);
+        let sent = self.pool.send(req, || exchange.mark(Mark::SentUpstream));
+        let response = tokio::select! {
+            response = sent => response,
+            outcome = exchange.cut_off_wait() => {
+                let err = match outcome {
+                    Outcome::TimedOut => {
+                        ProxyError::Timeout(self.upstream_timeout.unwrap_or_default())
                     }
-                    connected = connection.wait_for_connection_metadata(), if !marked => {
-                        if connected.is_some() {
-                            exchange.mark(Mark::SentUpstream);
-                        }
-                        marked = true;
-                    }
-                }
+                    _ => ProxyError::Drained,
+                };
+                return self.answer(err, guard);
             }
         };
         match response {
-            Ok(res) => self.relay(res, guard, held_back),
+            Ok((res, lease)) => {
+                // A connection the upstream will close is not worth returning to the pool.
+                let reusable =
+                    res.version() == Version::HTTP_11 && !headers::says_close(res.headers());
+                let lease = reusable.then_some(lease);
+                self.relay(res, guard, lease, held_back)
+            }
             Err(err) => {
                 let err = match exchange.outcome() {
                     // The client's upload broke off, and the upstream exchange with it.
@@ -225,6 +222,7 @@ impl Proxy {
         &self,
         res: Response<Incoming>,
         guard: ExchangeGuard,
+        lease: Option<Lease>,
         held_back: Option<Arc<ContinueSignal>>,
     ) -> Response<ResponseBody> {
         let (mut parts, body) = res.into_parts();
@@ -244,7 +242,7 @@ impl Proxy {
         if held_back.is_some() {
             exchange.set_expect(Continue::NotSent);
         }
-        Response::from_parts(parts, ResponseBody::relay(body, guard, held_back))
+        Response::from_parts(parts, ResponseBody::relay(body, guard, lease, held_back))
     }
 
     /// Answers for the upstream with an OpenStack-style JSON error.

@@ -147,6 +147,7 @@ impl Server {
                  through this shim"
             );
         }
+        tokio::spawn(proxy.pool.clone().reap_idle());
         tokio::spawn(inflight::watchdog(
             proxy.registry.clone(),
             Rules {
