@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Method, Request, Response, Version, header};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use hyper::body::{Body, Incoming};
 
 use crate::body::{ContinueGate, ContinueSignal, RequestBody, ResponseBody};
@@ -157,8 +157,8 @@ impl Proxy {
         }
     }
 
-    /// Checks the request and turns its headers into the upstream request's. The target goes on as
-    /// it came (the pool writes it in origin-form, path and query untouched).
+    /// Checks the request and turns its head into the upstream request's. The path and query go on
+    /// exactly as they came, in origin-form.
     fn prepare(&self, parts: &mut http::request::Parts, client: &Client) -> Result<(), ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Connect);
@@ -192,6 +192,8 @@ impl Proxy {
                      send the path alone (origin-form)"
                 )));
             }
+            let path = parts.uri.path_and_query().cloned();
+            parts.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         }
 
         // A chunked request body must stay chunked; hyper would otherwise send no body at all for a

@@ -34,6 +34,19 @@ async fn path_and_query_are_forwarded_byte_for_byte() {
             .await;
         assert_eq!(client.read_head().await.status(), 204);
     }
+    // Absolute-form (which only proxies are sent) goes on in origin-form, path and query untouched.
+    let mut client = Conn::connect(shim.addr).await;
+    client
+        .send("GET http://h/v2/images?a=%2F HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await;
+    let mut conn = up.accept().await;
+    assert_eq!(
+        conn.read_head().await.start,
+        "GET /v2/images?a=%2F HTTP/1.1"
+    );
+    conn.send("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(client.read_head().await.status(), 204);
     // The asterisk-form of OPTIONS, too.
     let mut client = Conn::connect(shim.addr).await;
     client.send("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n").await;

@@ -253,7 +253,7 @@ async fn unusable_tls_files_are_one_line_and_exit_2() {
         } else {
             "1"
         };
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_glance-shim"))
+        let out = shim_command()
             .args(["--listen", "127.0.0.1:0", "--upstream", upstream])
             .args(&args)
             .output()
