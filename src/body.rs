@@ -126,8 +126,7 @@ impl Body for RequestBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                let why = format!("the client's body broke off: {}", crate::error::chain(&e));
-                exchange.end(Outcome::ClientGone, Some(why));
+                exchange.end(Outcome::ClientGone, Some(crate::error::chain(&e)));
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
@@ -206,7 +205,8 @@ impl ContinueSignal {
 /// which waits for a `100 Continue` before it sends, is not asked for the body.
 pub struct ContinueGate {
     signal: Arc<ContinueSignal>,
-    timer: Pin<Box<Sleep>>,
+    /// Started at the first poll: hyper asks for the body once the head is written to glance.
+    timer: Option<Pin<Box<Sleep>>>,
     health: Arc<Health>,
 }
 
@@ -214,7 +214,7 @@ impl ContinueGate {
     pub fn new(signal: Arc<ContinueSignal>, health: Arc<Health>) -> ContinueGate {
         ContinueGate {
             signal,
-            timer: Box::pin(tokio::time::sleep(EXPECT_WAIT)),
+            timer: None,
             health,
         }
     }
@@ -228,7 +228,12 @@ impl ContinueGate {
                 "glance answered before it asked for the request body; the body was not sent"
                     .into(),
             )),
-            _ => match self.timer.as_mut().poll(cx) {
+            _ => match self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(EXPECT_WAIT)))
+                .as_mut()
+                .poll(cx)
+            {
                 Poll::Ready(()) => {
                     if self
                         .signal
@@ -381,6 +386,7 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.source {
+            _ if self.failed_early.is_some() => false,
             Source::Own(bytes) => bytes.is_none(),
             Source::Relay(inner) => inner.is_end_stream(),
         }
@@ -398,9 +404,11 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // hyper stops polling once `is_end_stream` says so, so the end cannot wait for a `None`.
-        // Only a connection whose response ended cleanly is worth reusing.
+        // Only a connection whose response ended cleanly, and which is not owed a request body it
+        // will never get, is worth reusing.
         if (self.ended || self.is_end_stream())
             && self.exchange().end(Outcome::Completed, None)
+            && self.held_back.is_none()
             && let Some(lease) = self.lease.take()
         {
             lease.release();

@@ -471,6 +471,30 @@ async fn expect_100_continue_glances_100_is_relayed_before_the_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continues_second_is_counted_from_when_glance_has_the_request() {
+    // glance is restarting: --wait-upstream holds the request longer than the second glance has to
+    // answer 100 Continue, which only starts once glance has the request.
+    let down = Reserved::new();
+    let shim = Shim::start(&down.port_str(), &["--wait-upstream", "20s"]).await;
+    let mut client = put_expecting_continue(&shim, "/v2/images/x/file").await;
+    shim.wait_for("the outage", |l| msg(l).contains("Holding requests"))
+        .await;
+    // The restart takes longer than a second (the subject of this test, not a wait for the shim).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let up = RawUpstream::on(down.listen());
+    let mut conn = up.accept().await;
+    assert!(conn.read_head().await.has("expect"));
+    conn.send("HTTP/1.1 100 Continue\r\n\r\n").await;
+    assert_eq!(client.read_head().await.start, "HTTP/1.1 100 Continue");
+    client.write(b"hello").await;
+    assert_eq!(conn.read_exact(5).await, b"hello");
+    conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
+    assert_eq!(client.read_head().await.status(), 204);
+    let done = shim.wait_for("the completion", completion).await;
+    assert_eq!(field(&done, "expect_100"), "relayed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_to_a_silent_upstream_sends_the_body_after_a_second_then_at_once() {
     // Like uWSGI's http-socket: it never answers 100 Continue, it waits for the body.
     let up = RawUpstream::bind().await;

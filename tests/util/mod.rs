@@ -282,7 +282,11 @@ pub struct RawUpstream {
 
 impl RawUpstream {
     pub async fn bind() -> RawUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        RawUpstream::on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// The same on a listener the test already has.
+    pub fn on(listener: TcpListener) -> RawUpstream {
         let addr = listener.local_addr().unwrap();
         RawUpstream { listener, addr }
     }
