@@ -351,9 +351,9 @@ impl Exchange {
         {
             let paused = Duration::from_micros(now.saturating_sub(before));
             info!(
-                id = %self.id,
-                method = %self.method,
-                path = %self.target,
+                id = self.id.as_str(),
+                method = self.method.as_str(),
+                path = self.target.as_str(),
                 paused_s = secs(paused),
                 "the upstream is moving again after {:.1} s",
                 paused.as_secs_f64()
@@ -485,18 +485,18 @@ impl Exchange {
     /// request, this line is already in the log. `headers` are the request headers, masked.
     pub fn log_arrival(&self, headers: Option<String>) {
         info!(
-            id = %self.id,
-            method = %self.method,
-            path = %self.target,
-            client = %self.client.text,
-            id_from = %self.id_from.as_str(),
+            id = self.id.as_str(),
+            method = self.method.as_str(),
+            path = self.target.as_str(),
+            client = &*self.client.text,
+            id_from = self.id_from.as_str(),
             headers,
             "arrived"
         );
         if let IdFrom::Replaced { why, original } = &self.id_from {
             warn!(
-                id = %self.id,
-                original = %original,
+                id = self.id.as_str(),
+                original = original.as_str(),
                 "{why}; sent glance-shim's id {} instead",
                 self.id
             );
@@ -513,11 +513,11 @@ impl Exchange {
             _ => "has not answered",
         };
         warn!(
-            id = %self.id,
-            method = %self.method,
-            path = %self.target,
-            client = %self.client.text,
-            phase = %phase.as_str(),
+            id = self.id.as_str(),
+            method = self.method.as_str(),
+            path = self.target.as_str(),
+            client = &*self.client.text,
+            phase = phase.as_str(),
             waited_s = secs(idle),
             "the upstream {what} for {:.1} s: it is probably paused at a breakpoint",
             idle.as_secs_f64()
@@ -563,23 +563,22 @@ impl Exchange {
         let total_ms = self.at(Mark::Done).map(millis);
         let upstream_headers_ms = self.at(Mark::UpstreamHeaders).map(millis);
         let status = self.status();
-        let expect_100 = self.expect().map(|c| tracing::field::display(c.as_str()));
+        let expect_100 = self.expect().map(Continue::as_str);
         // Where a request that did not complete was cut short.
-        let ended_in = (outcome != Outcome::Completed)
-            .then(|| tracing::field::display(self.ended_in().as_str()));
+        let ended_in = (outcome != Outcome::Completed).then(|| self.ended_in().as_str());
         macro_rules! line {
             ($level:ident) => {
                 $level!(
-                    id = %self.id,
-                    method = %self.method,
-                    path = %self.target,
-                    outcome = %outcome.as_str(),
+                    id = self.id.as_str(),
+                    method = self.method.as_str(),
+                    path = self.target.as_str(),
+                    outcome = outcome.as_str(),
                     status,
                     bytes_in = self.bytes_in(),
                     bytes_out = self.bytes_out(),
                     upstream_headers_ms,
                     total_ms,
-                    upstream_id = self.upstream_id().map(tracing::field::display),
+                    upstream_id = self.upstream_id(),
                     expect_100,
                     ended_in,
                     error = self.error(),
