@@ -7,10 +7,11 @@
 //! [`QUEUED_BATCHES`] waiting batches the proxy waits for the writer instead.
 //!
 //! Lines are handed over a millisecond's worth at a time (`Batch`), not one by one: waking the
-//! writer thread for every line, on a 2-core machine shared with the client and glance, cost the
-//! shim 43% of its small-request req/s (bench/run.py, 0.52x nginx against 0.92x with one write per
-//! millisecond). A line is out a millisecond after it was logged, or sooner when 64 KiB have
-//! gathered: when a breakpoint holds a request, its arrival line is already in the log.
+//! writer thread for every line cost 16% of small-request req/s and a third more CPU per request
+//! (35.0 against 26.4 us; median of 6 interleaved pairs of 5 s `bench/cost.sh` runs, 2026-11-26) on a
+//! 2-core machine shared with the client and glance. A line is out a millisecond after it was
+//! logged, or sooner when 64 KiB have gathered: when a breakpoint holds a request, its arrival line
+//! is already in the log.
 //!
 //! What each line says is decided where it is written (`exchange` for a request's lines, `server`,
 //! `upstream`).

@@ -265,9 +265,10 @@ const MAX_IDLE: usize = 256;
 /// be closed: a request that may have reached glance is never sent twice.
 ///
 /// Written here rather than taken from hyper-util (`client::legacy::Client` with this connector):
-/// that client cost 7% of small-request req/s (median of 16 per-run ratios, `bench/run.py --build`,
-/// 2026-11-26) and 6,800 instructions per request (`bench/callgrind.sh`: 65,422 against 58,607),
-/// in pool-key hashing, a task per request to return the connection, and the URI rewrite.
+/// that client cost 5.7% of small-request req/s at c16 (median of 16 interleaved pairs of 5 s
+/// `bench/cost.sh` runs, 2026-11-26; 4.4% at c64 over 6 pairs), 3-6% more CPU per request, and
+/// 6,800 instructions per request (`bench/callgrind.sh`: 65,422 against 58,607): pool-key hashing,
+/// a task per request to return the connection, the absolute-URI rewrite.
 #[derive(Debug)]
 pub struct Pool<B = RequestBody> {
     connector: Connector,
