@@ -19,7 +19,7 @@ kill -INT $vg; wait $vg || true
 env ${SHIM_ENV:-} valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" $T/glance-shim --listen "$shim_port" \
     --upstream "$up_port" --log-file "$tmp/shim.log" 2>"$tmp/vg.err" & vg=$!
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
-ab -q -k -n "$n" -c 16 "http://127.0.0.1:$shim_port$path" | grep -E "Complete requests|Failed requests"
+ab -q -k -n "$n" -c "${CALLGRIND_CONNS:-16}" "http://127.0.0.1:$shim_port$path" | grep -E "Complete requests|Failed requests"
 kill -INT $vg; wait $vg || true
 total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'; }
 idle=$(total "$tmp/idle.out"); all=$(total "$tmp/cg.out")
