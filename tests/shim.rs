@@ -35,23 +35,16 @@ async fn path_and_query_are_forwarded_byte_for_byte() {
         assert_eq!(client.read_head().await.status(), 204);
     }
     // Absolute-form (which only proxies are sent) goes on in origin-form, path and query untouched.
-    let mut client = Conn::connect(shim.addr).await;
-    client
-        .send("GET http://h/v2/images?a=%2F HTTP/1.1\r\nHost: h\r\n\r\n")
-        .await;
-    let mut conn = up.accept().await;
-    assert_eq!(
-        conn.read_head().await.start,
-        "GET /v2/images?a=%2F HTTP/1.1"
-    );
+    let request = "GET http://h/v2/images?a=%2F HTTP/1.1\r\nHost: h\r\n\r\n";
+    let (mut client, mut conn, head) = forwarded(&shim, &up, request).await;
+    assert_eq!(head.start, "GET /v2/images?a=%2F HTTP/1.1");
     conn.send("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
         .await;
     assert_eq!(client.read_head().await.status(), 204);
     // The asterisk-form of OPTIONS, too.
-    let mut client = Conn::connect(shim.addr).await;
-    client.send("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    let mut conn = up.accept().await;
-    assert_eq!(conn.read_head().await.start, "OPTIONS * HTTP/1.1");
+    let request = "OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n";
+    let (mut client, mut conn, head) = forwarded(&shim, &up, request).await;
+    assert_eq!(head.start, "OPTIONS * HTTP/1.1");
     conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
     assert_eq!(client.read_head().await.status(), 204);
 }
@@ -415,6 +408,16 @@ async fn put_expecting_continue(shim: &Shim, path: &str) -> Conn {
     client
 }
 
+/// glance answers `100 Continue` and the client's body follows: glance gets it whole, and answers.
+async fn glance_asks_for_the_body(client: &mut Conn, conn: &mut Conn) {
+    conn.send("HTTP/1.1 100 Continue\r\n\r\n").await;
+    assert_eq!(client.read_head().await.start, "HTTP/1.1 100 Continue");
+    client.write(b"hello").await;
+    assert_eq!(conn.read_exact(5).await, b"hello");
+    conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
+    assert_eq!(client.read_head().await.status(), 204);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_glances_refusal_reaches_the_client_and_the_body_is_never_sent() {
     let up = RawUpstream::bind().await;
@@ -459,12 +462,7 @@ async fn expect_100_continue_glances_100_is_relayed_before_the_body() {
     let mut client = put_expecting_continue(&shim, "/v2/images/x/file").await;
     let mut conn = up.accept().await;
     assert!(conn.read_head().await.has("expect"));
-    conn.send("HTTP/1.1 100 Continue\r\n\r\n").await;
-    assert_eq!(client.read_head().await.start, "HTTP/1.1 100 Continue");
-    client.write(b"hello").await;
-    assert_eq!(conn.read_exact(5).await, b"hello");
-    conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
-    assert_eq!(client.read_head().await.status(), 204);
+    glance_asks_for_the_body(&mut client, &mut conn).await;
     let done = shim.wait_for("the completion", completion).await;
     assert_eq!(field(&done, "expect_100"), "relayed");
     assert_eq!(done["bytes_in"], 5);
@@ -484,12 +482,7 @@ async fn expect_100_continues_second_is_counted_from_when_glance_has_the_request
     let up = RawUpstream::on(down.listen());
     let mut conn = up.accept().await;
     assert!(conn.read_head().await.has("expect"));
-    conn.send("HTTP/1.1 100 Continue\r\n\r\n").await;
-    assert_eq!(client.read_head().await.start, "HTTP/1.1 100 Continue");
-    client.write(b"hello").await;
-    assert_eq!(conn.read_exact(5).await, b"hello");
-    conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
-    assert_eq!(client.read_head().await.status(), 204);
+    glance_asks_for_the_body(&mut client, &mut conn).await;
     let done = shim.wait_for("the completion", completion).await;
     assert_eq!(field(&done, "expect_100"), "relayed");
 }
@@ -538,12 +531,7 @@ async fn expect_100_continue_to_a_silent_upstream_sends_the_body_after_a_second_
 
     let mut client = put_expecting_continue(&shim, "/third").await;
     assert_eq!(conn.read_head().await.start, "PUT /third HTTP/1.1");
-    conn.send("HTTP/1.1 100 Continue\r\n\r\n").await;
-    assert_eq!(client.read_head().await.start, "HTTP/1.1 100 Continue");
-    client.write(b"hello").await;
-    assert_eq!(conn.read_exact(5).await, b"hello");
-    conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
-    assert_eq!(client.read_head().await.status(), 204);
+    glance_asks_for_the_body(&mut client, &mut conn).await;
     let third = shim
         .wait_for("the third completion", |l| {
             completion(l) && field(l, "path") == "/third"
@@ -976,12 +964,8 @@ async fn a_paused_upstream_earns_growing_notices_and_the_table_shows_it() {
 async fn a_response_head_is_relayed_at_once_and_a_pause_after_it_is_reported_as_such() {
     let up = RawUpstream::bind().await;
     let shim = Shim::start(&up.port(), &["--stall-after", "300ms"]).await;
-    let mut client = Conn::connect(shim.addr).await;
-    client
-        .send("GET /v2/images/x/file HTTP/1.1\r\nHost: h\r\n\r\n")
-        .await;
-    let mut conn = up.accept().await;
-    conn.read_head().await;
+    let request = "GET /v2/images/x/file HTTP/1.1\r\nHost: h\r\n\r\n";
+    let (mut client, mut conn, _) = forwarded(&shim, &up, request).await;
     // glance sends its head, then stops at a breakpoint before the first body byte.
     conn.send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
         .await;
@@ -1071,10 +1055,8 @@ async fn upstream_timeout_answers_504_only_when_asked_for() {
 
     // After the head has gone to the client, the same rule can no longer change the status: the
     // client's connection is aborted, so the short body cannot look complete.
-    let mut client = Conn::connect(shim.addr).await;
-    client.send("GET /half HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    let mut conn = up.accept().await;
-    conn.read_head().await;
+    let request = "GET /half HTTP/1.1\r\nHost: h\r\n\r\n";
+    let (mut client, mut conn, _) = forwarded(&shim, &up, request).await;
     conn.send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
         .await;
     let head = client.read_head().await;
@@ -1223,12 +1205,8 @@ async fn a_breakpoint_does_not_hold_shutdown_past_drain() {
     let mut conn = up.accept().await;
     conn.read_head().await;
     // And one whose head was relayed before the breakpoint caught the rest.
-    let mut streaming = Conn::connect(shim.addr).await;
-    streaming
-        .send("GET /streaming HTTP/1.1\r\nHost: h\r\n\r\n")
-        .await;
-    let mut conn2 = up.accept().await;
-    conn2.read_head().await;
+    let request = "GET /streaming HTTP/1.1\r\nHost: h\r\n\r\n";
+    let (mut streaming, mut conn2, _) = forwarded(&shim, &up, request).await;
     conn2
         .send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
         .await;

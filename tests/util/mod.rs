@@ -515,6 +515,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Sends `request` to the shim on a new connection, accepts the connection it makes to `up` and
+/// reads the head that arrives there: the client's connection, the upstream's, and that head.
+pub async fn forwarded(shim: &Shim, up: &RawUpstream, request: &str) -> (Conn, Conn, Head) {
+    let mut client = Conn::connect(shim.addr).await;
+    client.send(request).await;
+    let mut conn = up.accept().await;
+    let head = conn.read_head().await;
+    (client, conn, head)
+}
+
 /// Sends a whole request on a new connection to `addr` and reads the response (head and body).
 pub async fn roundtrip(addr: SocketAddr, request: &str) -> (Head, Vec<u8>) {
     let mut conn = Conn::connect(addr).await;
