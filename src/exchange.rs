@@ -289,6 +289,10 @@ impl Exchange {
 
     /// Records that `mark` happened now, unless it already did.
     pub fn mark(&self, mark: Mark) {
+        // Called for every response frame (the first byte's mark): no clock read once it is set.
+        if self.marks[mark as usize].load(Ordering::Relaxed) != UNSET {
+            return;
+        }
         let now = self.micros(Instant::now());
         let _ = self.marks[mark as usize].compare_exchange(
             UNSET,

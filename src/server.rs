@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::StatusCode;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -284,21 +285,23 @@ impl Server {
 async fn refuse(stream: TcpStream) {
     let answer = answer_raw(
         stream,
-        "503 Service Unavailable\r\nRetry-After: 1",
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Retry-After: 1\r\n",
         "glance-shim has --max-connections connections open; retry later",
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
-/// Answers a connection hyper is not serving with a JSON error, and closes it. `status` is the
-/// status line's code and reason, and any extra header lines.
-async fn answer_raw(mut stream: TcpStream, status: &str, message: &str) {
-    let code = &status[..3];
-    let title = status[4..].split('\r').next().unwrap_or("");
-    let body = serde_json::json!({"message": message, "code": code.parse::<u16>().unwrap_or(0), "title": title})
+/// Answers a connection hyper is not serving with a JSON error, and closes it. `extra` is further
+/// header lines, each ending in CRLF.
+async fn answer_raw(mut stream: TcpStream, status: StatusCode, extra: &str, message: &str) {
+    let title = status.canonical_reason().unwrap_or("Error");
+    let body = serde_json::json!({"message": message, "code": status.as_u16(), "title": title})
         .to_string();
     let answer = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {title}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\
+         Connection: close\r\n\r\n{body}",
+        status.as_u16(),
         body.len()
     );
     let _ = stream.write_all(answer.as_bytes()).await;
@@ -375,7 +378,7 @@ async fn accept_tls(
         failures.warn(peer, "plain HTTP sent to the TLS port");
         if first[0].is_ascii_alphabetic() {
             let message = "this port of glance-shim speaks TLS: use https://";
-            answer_raw(stream, "400 Bad Request", message).await;
+            answer_raw(stream, StatusCode::BAD_REQUEST, "", message).await;
         }
         return None;
     }
