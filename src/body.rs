@@ -18,6 +18,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
 use crate::exchange::{Continue, Exchange, ExchangeGuard, Mark, Outcome, Waiting};
+use crate::inflight::Registry;
+use crate::kept::Copier;
 use crate::upstream::{Health, Lease};
 
 /// How long glance may take to answer `Expect: 100-continue` before the body is sent anyway: what
@@ -42,6 +44,8 @@ pub struct RequestBody {
     gate: Option<ContinueGate>,
     /// What is left of a received frame larger than [`MAX_FRAME`].
     rest: Option<Bytes>,
+    /// With the inspector on: the copy of the body's start, until the body ends.
+    copy: Option<(Copier, Arc<Registry>)>,
 }
 
 impl RequestBody {
@@ -49,13 +53,29 @@ impl RequestBody {
         inner: Incoming,
         exchange: Arc<Exchange>,
         gate: Option<ContinueGate>,
+        registry: &Arc<Registry>,
     ) -> RequestBody {
+        let copy = registry.copier().map(|c| (c, registry.clone()));
         RequestBody {
             inner,
             exchange,
             gate,
             rest: None,
+            copy,
         }
+    }
+
+    /// The body has ended (`ended`: cleanly): what was copied of it goes into the record.
+    fn keep_copy(&mut self, ended: bool) {
+        if let Some((copier, _)) = self.copy.take() {
+            let _ = self.exchange.copies.request_body.set(copier.finish(ended));
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.keep_copy(false);
     }
 }
 
@@ -110,11 +130,15 @@ impl Body for RequestBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     exchange.add_bytes_in(data.len() as u64);
+                    if let Some((copier, registry)) = &mut this.copy {
+                        registry.copy(copier, data);
+                    }
                 }
                 exchange.progress(Waiting::Upstream);
                 // hyper stops polling once the body says it has ended, so the end is seen here.
                 if this.inner.is_end_stream() {
                     exchange.request_body_done();
+                    this.keep_copy(true);
                 }
                 match frame.into_data() {
                     Ok(mut data) if data.len() > MAX_FRAME => {
@@ -131,6 +155,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(None) => {
                 exchange.request_body_done();
+                this.keep_copy(true);
                 Poll::Ready(None)
             }
         }
@@ -278,6 +303,8 @@ pub struct ResponseBody {
     /// A failure that came before the head was out: given to hyper once it is.
     failed_early: Option<BodyError>,
     ended: bool,
+    /// With the inspector on: the copy of glance's body's start, until the body ends.
+    copier: Option<Copier>,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -297,6 +324,7 @@ impl ResponseBody {
         lease: Option<Lease>,
         held_back: Option<Arc<ContinueSignal>>,
     ) -> Self {
+        let copier = guard.registry().copier();
         ResponseBody {
             source: Source::Relay(inner),
             guard,
@@ -305,11 +333,16 @@ impl ResponseBody {
             head_out: false,
             failed_early: None,
             ended: false,
+            copier,
         }
     }
 
     /// An answer of the shim's own; the exchange's outcome is already settled.
     pub fn own(bytes: Bytes, guard: ExchangeGuard) -> Self {
+        let mut copier = guard.registry().copier();
+        if let Some(copier) = &mut copier {
+            guard.registry().copy(copier, &bytes);
+        }
         ResponseBody {
             source: Source::Own(Some(bytes)),
             guard,
@@ -318,6 +351,7 @@ impl ResponseBody {
             head_out: true,
             failed_early: None,
             ended: false,
+            copier,
         }
     }
 
@@ -375,6 +409,9 @@ impl Body for ResponseBody {
                 if let Some(data) = frame.data_ref() {
                     exchange.mark(Mark::FirstResponseByte);
                     exchange.add_bytes_out(data.len() as u64);
+                    if let Some(copier) = &mut this.copier {
+                        this.guard.registry().copy(copier, data);
+                    }
                 }
                 exchange.progress(Waiting::Client);
             }
@@ -403,10 +440,18 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        let ended = self.ended || self.is_end_stream();
+        if let Some(copier) = self.copier.take() {
+            let _ = self
+                .exchange()
+                .copies
+                .response_body
+                .set(copier.finish(ended));
+        }
         // hyper stops polling once `is_end_stream` says so, so the end cannot wait for a `None`.
         // Only a connection whose response ended cleanly, and which is not owed a request body it
         // will never get, is worth reusing.
-        if (self.ended || self.is_end_stream())
+        if ended
             && self.exchange().end(Outcome::Completed, None)
             && self.held_back.is_none()
             && let Some(lease) = self.lease.take()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::config::{
-    AddrError, Config, ConfigError, HostPort, LogFormat, Scheme, TlsFiles, Upstream,
+    AddrError, Config, ConfigError, HostPort, Inspect, LogFormat, Scheme, TlsFiles, Upstream,
     parse_duration, parse_nonzero_duration,
 };
 use crate::uwsgi;
@@ -157,6 +157,51 @@ pub struct Args {
     /// Add each request's headers to its arrival line (token, password and cookie values masked).
     #[arg(long, env = "GLANCE_SHIM_LOG_HEADERS")]
     pub log_headers: bool,
+
+    /// Serve the inspector (a live page of the requests, and its JSON API) here: PORT, HOST:PORT,
+    /// [IPv6]:PORT, or off [default: 127.0.0.1:9293]. If the default port is taken, the shim warns
+    /// and proxies without it.
+    #[arg(long, env = "GLANCE_SHIM_INSPECT", value_name = "ADDR|off", value_parser = parse_inspect)]
+    pub inspect: Option<InspectAt>,
+
+    /// Finished requests the inspector keeps (the oldest go first).
+    #[arg(long, env = "GLANCE_SHIM_INSPECT_KEEP", value_name = "N", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub inspect_keep: u32,
+
+    /// Bytes of each request's and response's body the inspector keeps (a prefix: image data is
+    /// never kept beyond it).
+    #[arg(long, env = "GLANCE_SHIM_INSPECT_BODY", value_name = "SIZE", default_value = "64KiB",
+          value_parser = parse_size)]
+    pub inspect_body: usize,
+
+    /// Bytes of heads and bodies the inspector keeps in all; past it, the oldest requests go first.
+    #[arg(long, env = "GLANCE_SHIM_INSPECT_MEMORY", value_name = "SIZE", default_value = "32MiB",
+          value_parser = parse_size)]
+    pub inspect_memory: usize,
+}
+
+/// What `--inspect` was given.
+#[derive(Clone, Debug)]
+pub enum InspectAt {
+    Off,
+    At(HostPort),
+}
+
+fn parse_inspect(s: &str) -> Result<InspectAt, AddrError> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        Ok(InspectAt::Off)
+    } else {
+        HostPort::parse(s, true).map(InspectAt::At)
+    }
+}
+
+/// A size such as 65536, 64KiB, 64kB or 32 MiB (bytesize's syntax).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = s.trim().parse().map_err(|e: String| {
+        format!("'{s}' is not a size ({e}); expected e.g. 65536, 64KiB or 32MiB")
+    })?;
+    usize::try_from(size.as_u64()).map_err(|_| format!("'{s}' is too large"))
 }
 
 fn parse_listen(s: &str) -> Result<HostPort, AddrError> {
@@ -209,6 +254,17 @@ impl Args {
             upstream_ca: self.upstream_ca,
             upstream_insecure: self.upstream_insecure,
             takeover: self.takeover,
+            inspect: match self.inspect {
+                Some(InspectAt::Off) => None,
+                Some(InspectAt::At(addr)) => Some(Inspect::new(addr, true)),
+                None => Some(Inspect::default_on()),
+            }
+            .map(|i| Inspect {
+                keep: self.inspect_keep as usize,
+                body: self.inspect_body,
+                memory: self.inspect_memory,
+                ..i
+            }),
         };
         config.validate()?;
         Ok(config)

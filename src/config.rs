@@ -344,6 +344,46 @@ pub struct Config {
     pub upstream_insecure: bool,
     /// The uWSGI INI `--listen` was read from (`--takeover`), for the log.
     pub takeover: Option<PathBuf>,
+    /// The inspector page and its API (`--inspect`); `None` with `--inspect off`.
+    pub inspect: Option<Inspect>,
+}
+
+/// Where the inspector is served, and what it keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inspect {
+    pub addr: HostPort,
+    /// Given by the user: failing to bind it stops the shim. The default only earns a warning.
+    pub explicit: bool,
+    /// Finished requests kept (`--inspect-keep`).
+    pub keep: usize,
+    /// Bytes of each body kept, each way (`--inspect-body`).
+    pub body: usize,
+    /// Bytes of heads and bodies kept in all (`--inspect-memory`).
+    pub memory: usize,
+}
+
+impl Inspect {
+    /// The default port: next to glance-api's 9292, and used by no DevStack service (see README).
+    pub const DEFAULT_PORT: u16 = 9293;
+
+    pub fn new(addr: HostPort, explicit: bool) -> Inspect {
+        Inspect {
+            addr,
+            explicit,
+            keep: 1000,
+            body: 64 * 1024,
+            memory: 32 * 1024 * 1024,
+        }
+    }
+
+    /// 127.0.0.1:9293, not given by the user.
+    pub fn default_on() -> Inspect {
+        let addr = HostPort {
+            host: Host::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            port: Inspect::DEFAULT_PORT,
+        };
+        Inspect::new(addr, false)
+    }
 }
 
 impl Config {
@@ -364,6 +404,7 @@ impl Config {
             upstream_ca: None,
             upstream_insecure: false,
             takeover: None,
+            inspect: Some(Inspect::default_on()),
         }
     }
 

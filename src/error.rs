@@ -31,15 +31,32 @@ pub enum StartError {
         #[source]
         error: std::io::Error,
     },
+    #[error(
+        "cannot serve the inspector on {addr} (--inspect): {error}{}",
+        bind_hint(error)
+    )]
+    Inspect {
+        addr: HostPort,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
+}
+
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::AddrInUse {
+        " (choose another address with --inspect ADDR, or --inspect off)"
+    } else {
+        ""
+    }
 }
 
 impl StartError {
     /// 2 when a flag's value cannot be used, as for every usage error; 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Tls(_) | StartError::LogFile(_) => 2,
+            StartError::Tls(_) | StartError::LogFile(_) | StartError::Inspect { .. } => 2,
             StartError::Bind { .. } | StartError::Runtime(_) => 1,
         }
     }

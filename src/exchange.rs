@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::correlation::{Assigned, IdFrom};
 use crate::inflight::Registry;
 use crate::keepalive::Serving;
+use crate::kept::Copies;
 
 /// The client a connection came from, rendered once when it is accepted.
 #[derive(Debug)]
@@ -243,6 +244,10 @@ pub struct Exchange {
     /// Woken when the request is cut off (timeout, shutdown), so that whoever waits on the upstream
     /// for it stops waiting.
     cut_off: AtomicWaker,
+    /// The sequence number of the last event about this request (see `events`).
+    version: AtomicU64,
+    /// What the inspector keeps of its heads and bodies (nothing with `--inspect off`).
+    pub copies: Copies,
 }
 
 impl Exchange {
@@ -278,6 +283,8 @@ impl Exchange {
             ended_in: AtomicU8::new(Phase::Done as u8),
             error: OnceLock::new(),
             cut_off: AtomicWaker::new(),
+            version: AtomicU64::new(0),
+            copies: Copies::default(),
         }
     }
 
@@ -415,7 +422,16 @@ impl Exchange {
         std::future::poll_fn(|cx| self.poll_cut_off(cx)).await
     }
 
+    pub(crate) fn set_version(&self, seq: u64) {
+        self.version.store(seq, Ordering::Release);
+    }
+
     // ---- reading ---------------------------------------------------------------------------------
+
+    /// The sequence number of the last event about this request.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
 
     /// When `mark` happened, counted from arrival.
     pub fn at(&self, mark: Mark) -> Option<Duration> {
@@ -628,6 +644,10 @@ impl ExchangeGuard {
     pub fn exchange(&self) -> &Arc<Exchange> {
         &self.exchange
     }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
 }
 
 impl Drop for ExchangeGuard {
@@ -638,7 +658,7 @@ impl Drop for ExchangeGuard {
         e.set_phase(Phase::Done);
         let outcome = e.outcome().unwrap_or(Outcome::ClientGone);
         e.log_completion(outcome);
-        self.registry.remove(e.serial);
+        self.registry.finish(e);
     }
 }
 

@@ -141,8 +141,13 @@ pub fn check_host(headers: &HeaderMap, http11: bool) -> Result<(), HostProblem> 
 
 /// Headers whose values are credentials and never reach a log.
 pub fn is_secret(name: &HeaderName) -> bool {
+    is_secret_name(name.as_str())
+}
+
+/// [`is_secret`] for a lower-case name.
+pub fn is_secret_name(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "x-auth-token"
             | "x-subject-token"
             | "x-service-token"
@@ -152,6 +157,9 @@ pub fn is_secret(name: &HeaderName) -> bool {
             | "set-cookie"
     )
 }
+
+/// What a secret value is shown as.
+pub const MASKED: &str = "<masked>";
 
 /// Headers as one log field, `name: value; name: value`, secret values masked and bytes escaped.
 pub fn for_log(headers: &HeaderMap) -> String {
@@ -163,7 +171,7 @@ pub fn for_log(headers: &HeaderMap) -> String {
         out.push_str(name.as_str());
         out.push_str(": ");
         if is_secret(name) {
-            out.push_str("<masked>");
+            out.push_str(MASKED);
         } else {
             out.push_str(&crate::correlation::printable(value.as_bytes()));
         }

@@ -3,22 +3,32 @@
 //! `--upstream-timeout`, the cut-off. Both read the same clock, [`Exchange::idle`]: time spent waiting
 //! on glance with nothing moving. Time spent waiting on the client never counts.
 //!
-//! A request enters the registry when it arrives and leaves it when its [`ExchangeGuard`] is dropped.
-//! The SIGUSR1 table and the drain report are printed from here.
+//! A request enters the registry when it arrives and leaves it when its [`ExchangeGuard`] is dropped;
+//! with the inspector on, it is then kept (`kept`) until newer requests push it out. Each of those
+//! moments, and glance's answer, is an event (`events`). The SIGUSR1 table and the drain report are
+//! printed from here.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use http::HeaderMap;
+
+use crate::events::{Events, Kind};
 use crate::exchange::{Exchange, ExchangeGuard, Outcome, Waiting};
 use crate::keepalive::Serving;
+use crate::kept::{Copier, Head, Keeper};
 
-/// Every request in flight, by serial number: oldest first.
+/// Every request in flight, by serial number: oldest first; and, with the inspector on, the finished
+/// ones it keeps.
 #[derive(Debug, Default)]
 pub struct Registry {
     open: Mutex<BTreeMap<u64, Arc<Exchange>>>,
     next_serial: AtomicU64,
+    /// `None` with `--inspect off`: nothing is copied, kept or published.
+    keeper: Option<Keeper>,
+    events: Events,
 }
 
 impl Registry {
@@ -26,6 +36,22 @@ impl Registry {
         // A panic while holding this lock cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still usable.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A registry that keeps what `keeper` allows, for the inspector.
+    pub fn new(keeper: Option<Keeper>) -> Registry {
+        Registry {
+            keeper,
+            ..Registry::default()
+        }
+    }
+
+    pub fn keeper(&self) -> Option<&Keeper> {
+        self.keeper.as_ref()
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     /// A serial number for the next exchange.
@@ -37,11 +63,70 @@ impl Registry {
     pub fn open(self: &Arc<Self>, exchange: Exchange, serving: Serving) -> ExchangeGuard {
         let exchange = Arc::new(exchange);
         self.lock().insert(exchange.serial, exchange.clone());
+        if self.keeper.is_some() {
+            self.events.publish(Kind::Arrived, &exchange);
+        }
         ExchangeGuard::new(exchange, self.clone(), serving)
     }
 
-    pub(crate) fn remove(&self, serial: u64) {
-        self.lock().remove(&serial);
+    /// The request ended: out of the in-flight list and, with the inspector on, into the kept ones.
+    pub(crate) fn finish(&self, exchange: &Arc<Exchange>) {
+        self.lock().remove(&exchange.serial);
+        if let Some(keeper) = &self.keeper {
+            self.events.publish(Kind::Done, exchange);
+            for old in keeper.finish(exchange.clone()) {
+                self.events.evicted(&old);
+            }
+        }
+    }
+
+    /// The response head went out (glance's, or the shim's own answer's): keeps a copy of `headers`
+    /// and tells the listeners.
+    pub fn answered(&self, exchange: &Arc<Exchange>, headers: &HeaderMap) {
+        if self.keeper.is_some() {
+            if let Some(head) = self.copy_head(headers) {
+                let _ = exchange.copies.response_head.set(head);
+            }
+            self.events.publish(Kind::Headers, exchange);
+        }
+    }
+
+    /// Keeps a copy of the request head as it goes to glance.
+    pub fn sending(&self, exchange: &Exchange, headers: &HeaderMap) {
+        if let Some(head) = self.copy_head(headers) {
+            let _ = exchange.copies.request_head.set(head);
+        }
+    }
+
+    fn copy_head(&self, headers: &HeaderMap) -> Option<Head> {
+        let keeper = self.keeper.as_ref()?;
+        keeper.head(headers, &mut |old| self.events.evicted(old))
+    }
+
+    /// A copier for a body, with the inspector on.
+    pub fn copier(&self) -> Option<Copier> {
+        self.keeper.as_ref().map(Keeper::copier)
+    }
+
+    /// Copies what `copier` still wants of `data`, making room in the budget if it must.
+    pub fn copy(&self, copier: &mut Copier, data: &[u8]) {
+        if let Some(keeper) = &self.keeper {
+            copier.take(data, |n| {
+                keeper.charge(n, &mut |old| self.events.evicted(old))
+            });
+        }
+    }
+
+    /// The request with this serial number, in flight or kept.
+    pub fn find(&self, serial: u64) -> Option<Arc<Exchange>> {
+        if let Some(e) = self.lock().get(&serial) {
+            return Some(e.clone());
+        }
+        self.keeper
+            .as_ref()?
+            .snapshot()
+            .into_iter()
+            .find(|e| e.serial == serial)
     }
 
     pub fn len(&self) -> usize {

@@ -13,7 +13,11 @@
 //!   lines; the one place the completion line is written.
 //! - [`headers`] — hop-by-hop removal, `Via`/`X-Forwarded-*`, `Host` rules, masking for the log.
 //! - [`correlation`] — `req-<uuid4>` ids and which id a request carries to glance.
-//! - [`inflight`] — requests in flight, the watchdog's stall and timeout rules, the SIGUSR1 table.
+//! - [`inflight`] — requests in flight and kept, the watchdog's stall and timeout rules, the SIGUSR1
+//!   table.
+//! - [`kept`] — the copies of heads and body prefixes the inspector keeps, and their memory bounds.
+//! - [`events`] — what happened to which request, in order, for the inspector's event stream.
+//! - [`inspect`] — the inspector: its own small server, the Host guard, the page, the JSON API.
 //! - [`body`] — the streaming request/response bodies; `Expect: 100-continue`.
 //! - [`upstream`] — the connector (with `--wait-upstream` and TLS), outage logging, the pooled client.
 //! - [`error`] — what stops the shim starting; its own answers (502, 504, ...) as OpenStack-style JSON.
@@ -26,10 +30,13 @@ pub mod cli;
 pub mod config;
 pub mod correlation;
 pub mod error;
+pub mod events;
 pub mod exchange;
 pub mod headers;
 pub mod inflight;
+pub mod inspect;
 pub mod keepalive;
+pub mod kept;
 pub mod logging;
 pub mod proxy;
 pub mod server;

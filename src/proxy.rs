@@ -110,7 +110,9 @@ impl Proxy {
             let gate = ContinueGate::new(signal.clone(), self.health.clone());
             (Some(gate), Some(signal))
         };
-        let mut req = Request::from_parts(parts, RequestBody::new(body, exchange.clone(), gate));
+        self.registry.sending(&exchange, &parts.headers);
+        let body = RequestBody::new(body, exchange.clone(), gate, &self.registry);
+        let mut req = Request::from_parts(parts, body);
         if expects_continue {
             let (signal, health) = (held_back.clone(), self.health.clone());
             hyper::ext::on_informational(&mut req, move |res| {
@@ -238,6 +240,7 @@ impl Proxy {
             .get(&X_OPENSTACK_REQUEST_ID)
             .map(|v| correlation::printable(v.as_bytes()));
         exchange.upstream_answered(parts.status, upstream_id);
+        self.registry.answered(exchange, &parts.headers);
         // glance answered before it asked for a body held back for its 100 Continue: the client is
         // never asked for it.
         let held_back = held_back.filter(|signal| signal.answered());
@@ -253,10 +256,11 @@ impl Proxy {
         let res = err.response(&self.upstream_display, &exchange.id);
         exchange.shim_answers(res.status());
         exchange.end(err.outcome(), Some(err.to_string()));
-        let (parts, bytes): (_, Bytes) = res.into_parts();
-        let len = HeaderValue::from(bytes.len());
-        let mut res = Response::from_parts(parts, ResponseBody::own(bytes, guard));
-        res.headers_mut().insert(header::CONTENT_LENGTH, len);
-        res
+        let (mut parts, bytes): (_, Bytes) = res.into_parts();
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        self.registry.answered(exchange, &parts.headers);
+        Response::from_parts(parts, ResponseBody::own(bytes, guard))
     }
 }

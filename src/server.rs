@@ -27,6 +27,7 @@ use crate::error::StartError;
 use crate::exchange::Client;
 use crate::inflight::{self, Registry, Rules};
 use crate::keepalive::{Clock, Expired};
+use crate::kept::Keeper;
 use crate::proxy::Proxy;
 use crate::tls::Stream;
 use crate::upstream::{Connector, Health, Pool};
@@ -38,6 +39,8 @@ pub struct Server {
     config: Arc<Config>,
     /// Set when clients must speak TLS (`--tls-cert`/`--tls-key`).
     tls: Option<TlsAcceptor>,
+    /// The inspector's listener, unless it is off (or its default port was taken).
+    inspector: Option<TcpListener>,
 }
 
 /// How long a client may take to complete the TLS handshake.
@@ -95,13 +98,22 @@ impl Server {
             health.clone(),
             upstream_tls,
         )?;
-        let registry = Arc::new(Registry::default());
+        let inspector = match &config.inspect {
+            Some(inspect) => crate::inspect::bind(inspect)?,
+            None => None,
+        };
+        let keeper = inspector
+            .as_ref()
+            .and(config.inspect.as_ref())
+            .map(|i| Keeper::new(i.keep, i.body, i.memory));
+        let registry = Arc::new(Registry::new(keeper));
         let proxy = Proxy::new(&config, Pool::new(connector), registry, health);
         Ok(Server {
             listener,
             proxy: Arc::new(proxy),
             config: Arc::new(config),
             tls,
+            inspector,
         })
     }
 
@@ -122,18 +134,37 @@ impl Server {
             proxy,
             config,
             tls,
+            inspector,
         } = self;
         let local = listener
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let inspector = inspector.and_then(|l| Some((l.local_addr().ok()?, l)));
+        let inspector_url = inspector
+            .as_ref()
+            .map(|(addr, _)| crate::inspect::url(*addr));
         info!(
             listen = %local,
             upstream = %config.upstream,
             tls = tls.is_some(),
             takeover = config.takeover.as_ref().map(|p| p.display().to_string()),
+            inspector = inspector_url.as_deref(),
             "listening"
         );
+        if let Some((addr, inspect_listener)) = inspector {
+            if !addr.ip().is_loopback() {
+                warn!(
+                    inspect = %addr,
+                    "the inspector listens on a non-loopback address: anyone who can reach {addr} \
+                     sees every request through this shim (secrets masked)"
+                );
+            }
+            let listen = listener.local_addr().unwrap_or(addr);
+            let inspector =
+                crate::inspect::Inspector::new(&config, listen, addr, proxy.registry.clone());
+            tokio::spawn(Arc::new(inspector).serve(inspect_listener));
+        }
         if config.upstream_insecure {
             warn!(
                 "--upstream-insecure: the upstream's TLS certificate is not checked; anyone who can \

@@ -227,7 +227,8 @@ pub fn completion(line: &Value) -> bool {
     !outcome(line).is_empty()
 }
 
-/// A command for the shim binary with no `GLANCE_SHIM_*` variable of the caller's environment.
+/// A command for the shim binary with no `GLANCE_SHIM_*` variable of the caller's environment, and
+/// its inspector on a free port (tests run in parallel; the default port is tested on its own).
 pub fn shim_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_glance-shim"));
     for (var, _) in std::env::vars_os() {
@@ -235,6 +236,7 @@ pub fn shim_command() -> Command {
             cmd.env_remove(var);
         }
     }
+    cmd.env("GLANCE_SHIM_INSPECT", "127.0.0.1:0");
     cmd
 }
 

@@ -1,0 +1,488 @@
+//! The inspector: a page that shows every request live, and the JSON API it reads, on their own
+//! loopback port (`--inspect`, by default 127.0.0.1:9293).
+//!
+//! It reads the records the proxy keeps (`inflight`, `kept`, `events`) and nothing else, and changes
+//! nothing: only GET and HEAD are served. What it serves is guarded:
+//! - a request whose `Host` (or `Origin`) names anything but localhost or the inspector's own address
+//!   is refused, so a web page elsewhere cannot read it through DNS rebinding;
+//! - no CORS header is ever sent;
+//! - the Content-Security-Policy allows only the page's own script and style (by hash) and requests to
+//!   its own origin;
+//! - secrets are masked before they leave the process (see `view`).
+//!
+//! - `view`: records as JSON. `stream`: the event stream. `page.html`: the page, one document with
+//!   its CSS and plain JavaScript, embedded at build time.
+
+mod stream;
+pub mod view;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::config::{Config, Inspect};
+use crate::error::StartError;
+use crate::exchange::Exchange;
+use crate::inflight::Registry;
+
+/// The page: one document, its style and script inline.
+const PAGE: &str = include_str!("page.html");
+
+/// Connections the inspector serves at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Binds the inspector's address. The default address only earns a warning when it is taken (the
+/// shim proxies without its inspector); an address the user gave is a start-up error.
+pub fn bind(inspect: &Inspect) -> Result<Option<TcpListener>, StartError> {
+    let bound = inspect.addr.resolve().and_then(|addrs| first_bound(&addrs));
+    match bound {
+        Ok(listener) => Ok(Some(listener)),
+        Err(error) if !inspect.explicit => {
+            warn!(
+                inspect = %inspect.addr,
+                error = %error,
+                "the inspector cannot listen on {} ({error}); proxying without it (choose another \
+                 address with --inspect ADDR, or turn it off with --inspect off)",
+                inspect.addr
+            );
+            Ok(None)
+        }
+        Err(error) => Err(StartError::Inspect {
+            addr: inspect.addr.clone(),
+            error,
+        }),
+    }
+}
+
+fn first_bound(addrs: &[SocketAddr]) -> std::io::Result<TcpListener> {
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        "the address resolved to nothing",
+    );
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(*addr).and_then(|()| socket.listen(64)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The inspector's URL for a listener bound at `addr`.
+pub fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}/")
+}
+
+/// What the inspector serves from.
+pub struct Inspector {
+    registry: Arc<Registry>,
+    shim: ShimInfo,
+    stall_after: Option<Duration>,
+    /// Host names (without port) that requests may carry.
+    hosts: Vec<String>,
+    csp: HeaderValue,
+}
+
+/// The shim's settings, as the page shows them.
+#[derive(Debug, Serialize)]
+struct ShimInfo {
+    listen: String,
+    upstream: String,
+    stall_after_ms: Option<f64>,
+    keep: usize,
+    body_max: usize,
+    memory_max: usize,
+}
+
+impl Inspector {
+    pub fn new(
+        config: &Config,
+        listen: SocketAddr,
+        local: SocketAddr,
+        registry: Arc<Registry>,
+    ) -> Inspector {
+        let inspect = config.inspect.clone().unwrap_or_else(Inspect::default_on);
+        let mut hosts = vec!["localhost".to_owned(), "127.0.0.1".into(), "[::1]".into()];
+        if !local.ip().is_unspecified() {
+            hosts.push(host_literal(local.ip()));
+        }
+        Inspector {
+            registry,
+            shim: ShimInfo {
+                listen: listen.to_string(),
+                upstream: config.upstream.to_string(),
+                stall_after_ms: config.stall_after.map(crate::exchange::millis),
+                keep: inspect.keep,
+                body_max: inspect.body,
+                memory_max: inspect.memory,
+            },
+            stall_after: config.stall_after,
+            hosts,
+            csp: HeaderValue::from_str(&content_security_policy(PAGE))
+                .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'")),
+        }
+    }
+
+    /// Serves the inspector on `listener` for as long as the shim runs.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .keep_alive(true);
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, peer) = match listener.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!(error = %e, "the inspector's accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let inspector = self.clone();
+            let http = http.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let service = service_fn(move |req| {
+                    let inspector = inspector.clone();
+                    async move { Ok::<_, Infallible>(inspector.handle(&req)) }
+                });
+                if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+                    debug!(client = %peer, error = %e, "an inspector connection ended with an error");
+                }
+            });
+        }
+    }
+
+    fn handle(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Out> {
+        let mut res = self.route(req);
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_SECURITY_POLICY, self.csp.clone());
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        h.entry(header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+        if req.method() == Method::HEAD {
+            *res.body_mut() = Out::empty();
+        }
+        res
+    }
+
+    fn route(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Out> {
+        if let Err(why) = self.check_origin(req) {
+            return error(StatusCode::FORBIDDEN, &why);
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut res = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the inspector only shows: GET and HEAD",
+            );
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return res;
+        }
+        let path = req.uri().path();
+        let query = req.uri().query().unwrap_or("");
+        match path {
+            "/" | "/index.html" => respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Bytes::from_static(PAGE.as_bytes()),
+            ),
+            "/api/requests" => json(StatusCode::OK, &self.list()),
+            "/api/events" => {
+                let since = req
+                    .headers()
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok())
+                    .or_else(|| param(query, "since").and_then(|v| v.parse().ok()));
+                stream::events(self.clone(), since)
+            }
+            _ => match path.strip_prefix("/api/requests/") {
+                Some(key) => match self.find(key) {
+                    Some(e) => json(
+                        StatusCode::OK,
+                        &view::detail(&e, &view::Context::now(self.stall_after)),
+                    ),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "no request {key} is kept (it may have been pushed out: --inspect-keep)"
+                        ),
+                    ),
+                },
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "nothing here: try / or /api/requests",
+                ),
+            },
+        }
+    }
+
+    /// Refuses a request that names another host: `Host` must be localhost or the inspector's own
+    /// address (any port: an SSH tunnel changes it), and so must `Origin` when there is one.
+    fn check_origin(&self, req: &Request<Incoming>) -> Result<(), String> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("a request to the inspector needs a Host header")?;
+        if !self.allowed(host) {
+            return Err(format!(
+                "the inspector answers only requests for localhost or its own address, not '{}'",
+                crate::correlation::printable(host.as_bytes())
+            ));
+        }
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            let ok = origin
+                .strip_prefix("http://")
+                .is_some_and(|rest| self.allowed(rest));
+            if !ok {
+                return Err(format!(
+                    "the inspector answers only its own pages, not pages from '{}'",
+                    crate::correlation::printable(origin.as_bytes())
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn allowed(&self, host_port: &str) -> bool {
+        let host = strip_port(host_port);
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+    }
+
+    fn list(&self) -> List<'_, impl Serialize> {
+        // The number first: whatever changes after it comes through the event stream opened with it.
+        let seq = self.registry.events().last();
+        let cx = view::Context::now(self.stall_after);
+        let in_flight = self.registry.snapshot();
+        let mut recent = self
+            .registry
+            .keeper()
+            .map(|k| k.snapshot())
+            .unwrap_or_default();
+        recent.reverse();
+        List {
+            seq,
+            now: view::rfc3339(std::time::SystemTime::now()),
+            shim: &self.shim,
+            memory_used: self.registry.keeper().map_or(0, |k| k.budget().used()),
+            in_flight: Summaries(in_flight, cx),
+            recent: Summaries(recent, cx),
+        }
+    }
+
+    /// A request by serial number, or the newest with this request id.
+    fn find(&self, key: &str) -> Option<Arc<Exchange>> {
+        if let Ok(serial) = key.parse::<u64>() {
+            return self.registry.find(serial);
+        }
+        let mut all = self.registry.snapshot();
+        if let Some(k) = self.registry.keeper() {
+            all.extend(k.snapshot());
+        }
+        all.into_iter()
+            .filter(|e| e.id == key)
+            .max_by_key(|e| e.serial)
+    }
+}
+
+#[derive(Serialize)]
+struct List<'a, S: Serialize> {
+    seq: u64,
+    now: String,
+    shim: &'a ShimInfo,
+    /// Bytes of heads and bodies kept now (at most `shim.memory_max`).
+    memory_used: usize,
+    in_flight: S,
+    recent: S,
+}
+
+/// Records rendered as summaries when serialized.
+struct Summaries(Vec<Arc<Exchange>>, view::Context);
+
+impl Serialize for Summaries {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| view::summary(e, &self.1)))
+    }
+}
+
+fn host_literal(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+/// `host` without its `:port`.
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The policy for `page`: nothing but its one inline script and style (by hash) and requests to its
+/// own origin.
+fn content_security_policy(page: &str) -> String {
+    let hash = |open: &str, close: &str| {
+        let text = page
+            .split_once(open)
+            .and_then(|(_, rest)| rest.split_once(close))
+            .map_or("", |(inner, _)| inner);
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        format!(
+            "'sha256-{}'",
+            base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+        )
+    };
+    format!(
+        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self' data:; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash("<script>", "</script>"),
+        hash("<style>", "</style>"),
+    )
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Out> {
+    let mut res = Response::new(Out::full(body));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Out> {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(status, "application/json", Bytes::from(body)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Out> {
+    let body = serde_json::json!({"message": message, "code": status.as_u16()}).to_string();
+    respond(status, "application/json", Bytes::from(body))
+}
+
+/// The inspector's response bodies: whole, or an event stream fed by its task.
+pub enum Out {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl Out {
+    fn full(b: Bytes) -> Out {
+        Out::Full(Some(b))
+    }
+
+    fn empty() -> Out {
+        Out::Full(None)
+    }
+}
+
+impl Body for Out {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match &mut *self {
+            Out::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Out::Stream(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Out::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Out::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Out::Full(None) => SizeHint::with_exact(0),
+            Out::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_not_part_of_the_host() {
+        assert_eq!(strip_port("localhost:9293"), "localhost");
+        assert_eq!(strip_port("[::1]:9293"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("127.0.0.1"), "127.0.0.1");
+        assert_eq!(strip_port("evil.example:80"), "evil.example");
+    }
+
+    #[test]
+    fn the_policy_names_the_pages_script_and_style() {
+        let csp = content_security_policy(PAGE);
+        assert!(
+            csp.starts_with("default-src 'none'; script-src 'sha256-"),
+            "{csp}"
+        );
+        assert_eq!(csp.matches("'sha256-").count(), 2, "{csp}");
+        assert!(!csp.contains("unsafe"), "{csp}");
+        assert_eq!(PAGE.matches("<script>").count(), 1, "one inline script");
+        assert_eq!(PAGE.matches("<style>").count(), 1, "one inline style");
+        assert!(
+            !PAGE.contains("<script "),
+            "no script with attributes (src=...)"
+        );
+        let digest = ring::digest::digest(&ring::digest::SHA256, b"");
+        let empty = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+        assert!(
+            !csp.contains(&empty),
+            "an empty hash means a missing element: {csp}"
+        );
+    }
+}

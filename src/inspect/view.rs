@@ -1,0 +1,308 @@
+//! Records as the inspector's JSON: a summary of each request for the lists and the event stream,
+//! and one request whole, with its heads and kept bodies.
+//!
+//! Everything is read from the [`Exchange`] when it is rendered. Secrets are masked here, before
+//! anything leaves the process: header values as in the log (`headers::is_secret`), and in JSON
+//! bodies the values of fields whose names contain `password`, `token`, `secret` or `credential`
+//! (everything under such a field). A body that is not JSON, or was not kept whole, is never sent:
+//! only its size and type are, because its secrets could not be found.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::exchange::{Continue, Exchange, Mark, Phase, Waiting, millis};
+use crate::headers::{MASKED, is_secret_name};
+use crate::kept::{Head, KeptBody};
+
+/// What every view needs to know besides the record.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
+    pub now: Instant,
+    /// `--stall-after`: a request waiting on glance this long is shown as probably paused.
+    pub stall_after: Option<Duration>,
+}
+
+impl Context {
+    pub fn now(stall_after: Option<Duration>) -> Context {
+        Context {
+            now: Instant::now(),
+            stall_after,
+        }
+    }
+}
+
+/// One request, in a line of the list.
+#[derive(Debug, Serialize)]
+pub struct Summary<'a> {
+    pub serial: u64,
+    pub id: &'a str,
+    pub id_from: &'static str,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub client: &'a str,
+    pub host: Option<Cow<'a, str>>,
+    pub arrived_at: String,
+    pub age_ms: f64,
+    pub in_flight: bool,
+    pub phase: &'static str,
+    pub waiting_on: &'static str,
+    pub idle_ms: f64,
+    pub stalled: bool,
+    pub status: Option<u16>,
+    pub upstream_id: Option<&'a str>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub timings: Timings,
+    pub outcome: Option<&'static str>,
+    pub ended_in: Option<&'static str>,
+    pub error: Option<&'a str>,
+    pub expect_100: Option<&'static str>,
+}
+
+/// When each moment came, in milliseconds after arrival.
+#[derive(Debug, Serialize)]
+pub struct Timings {
+    pub request_body_done_ms: Option<f64>,
+    pub sent_upstream_ms: Option<f64>,
+    pub upstream_headers_ms: Option<f64>,
+    pub first_response_byte_ms: Option<f64>,
+    pub done_ms: Option<f64>,
+}
+
+pub fn summary<'a>(e: &'a Exchange, cx: &Context) -> Summary<'a> {
+    let at = |m| e.at(m).map(millis);
+    let done = e.at(Mark::Done);
+    let in_flight = done.is_none();
+    let phase = e.phase();
+    let waiting = e.waiting();
+    let idle = if in_flight {
+        e.idle(cx.now)
+    } else {
+        Duration::ZERO
+    };
+    let stalled = in_flight
+        && waiting == Waiting::Upstream
+        && !matches!(phase, Phase::Answering | Phase::Done)
+        && cx.stall_after.is_some_and(|after| idle >= after);
+    let outcome = e.outcome().filter(|_| !in_flight);
+    Summary {
+        serial: e.serial,
+        id: &e.id,
+        id_from: e.id_from.as_str(),
+        method: e.method.as_str(),
+        target: &e.target,
+        client: &e.client.text,
+        host: e
+            .copies
+            .request_head
+            .get()
+            .and_then(|h| h.get("host"))
+            .map(String::from_utf8_lossy),
+        arrived_at: rfc3339(e.arrived_at),
+        age_ms: millis(done.unwrap_or_else(|| cx.now.saturating_duration_since(e.arrived))),
+        in_flight,
+        phase: phase.as_str(),
+        waiting_on: match waiting {
+            Waiting::Upstream => "upstream",
+            Waiting::Client => "client",
+        },
+        idle_ms: millis(idle),
+        stalled,
+        status: e.status(),
+        upstream_id: e.upstream_id(),
+        bytes_in: e.bytes_in(),
+        bytes_out: e.bytes_out(),
+        timings: Timings {
+            request_body_done_ms: at(Mark::RequestBodyDone),
+            sent_upstream_ms: at(Mark::SentUpstream),
+            upstream_headers_ms: at(Mark::UpstreamHeaders),
+            first_response_byte_ms: at(Mark::FirstResponseByte),
+            done_ms: at(Mark::Done),
+        },
+        outcome: outcome.map(|o| o.as_str()),
+        ended_in: outcome
+            .filter(|o| *o != crate::exchange::Outcome::Completed)
+            .map(|_| e.ended_in().as_str()),
+        error: e.error(),
+        expect_100: e.expect().map(Continue::as_str),
+    }
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// One request whole.
+#[derive(Debug, Serialize)]
+pub struct Detail<'a> {
+    #[serde(flatten)]
+    pub summary: Summary<'a>,
+    pub request: Message<'a>,
+    pub response: Option<Message<'a>>,
+}
+
+/// A head and its body.
+#[derive(Debug, Serialize)]
+pub struct Message<'a> {
+    /// `[name, value]` pairs in order; secret values masked.
+    pub headers: Vec<(&'a str, Cow<'a, str>)>,
+    pub body: BodyView,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BodyView {
+    /// Bytes moved so far.
+    pub size: u64,
+    pub content_type: Option<String>,
+    /// Bytes of it kept.
+    pub kept: usize,
+    /// The kept bytes are the whole body.
+    pub complete: bool,
+    /// The body parsed, secrets masked: only for a JSON body kept whole.
+    pub json: Option<Value>,
+    /// Why there is no `json`.
+    pub note: Option<String>,
+}
+
+pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
+    let summary = summary(e, cx);
+    let in_flight = summary.in_flight;
+    let request = Message {
+        headers: e.copies.request_head.get().map(fields).unwrap_or_default(),
+        body: body_view(
+            e.bytes_in(),
+            e.copies.request_head.get(),
+            e.copies.request_body.get(),
+            in_flight,
+        ),
+    };
+    let response = e.copies.response_head.get().map(|head| Message {
+        headers: fields(head),
+        body: body_view(
+            e.bytes_out(),
+            Some(head),
+            e.copies.response_body.get(),
+            in_flight,
+        ),
+    });
+    Detail {
+        summary,
+        request,
+        response,
+    }
+}
+
+fn fields(head: &Head) -> Vec<(&str, Cow<'_, str>)> {
+    head.fields()
+        .map(|(name, value)| {
+            let value = if is_secret_name(name) {
+                Cow::Borrowed(MASKED)
+            } else {
+                Cow::Owned(crate::correlation::printable(value))
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+fn body_view(size: u64, head: Option<&Head>, kept: Option<&KeptBody>, in_flight: bool) -> BodyView {
+    let content_type = head
+        .and_then(|h| h.get("content-type"))
+        .map(|v| String::from_utf8_lossy(v).trim().to_owned());
+    let is_json = content_type
+        .as_deref()
+        .is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+    let mut view = BodyView {
+        size,
+        content_type,
+        kept: kept.map_or(0, |k| k.bytes.len()),
+        complete: kept.is_some_and(|k| k.complete),
+        json: None,
+        note: None,
+    };
+    view.note = Some(match kept {
+        None if size == 0 && !in_flight => "no body".to_owned(),
+        None if in_flight => "still moving".to_owned(),
+        None => "not kept (the inspector was off or its memory full)".to_owned(),
+        Some(k) if k.bytes.is_empty() && k.complete => "no body".to_owned(),
+        Some(k) if !k.complete => match k.short {
+            Some(why) => format!("only the first {} bytes were kept: {why}", k.bytes.len()),
+            None => format!(
+                "only the first {} bytes were kept (--inspect-body); a body is shown only when kept whole",
+                k.bytes.len()
+            ),
+        },
+        Some(_) if !is_json => "not JSON: shown as its size and type".to_owned(),
+        Some(k) => match serde_json::from_slice::<Value>(&k.bytes) {
+            Ok(mut json) => {
+                mask_json(&mut json, false);
+                view.json = Some(json);
+                return view;
+            }
+            Err(e) => format!("says it is JSON but does not parse: {e}"),
+        },
+    });
+    view
+}
+
+/// True for a JSON field name whose value is a secret.
+fn secret_field(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "token", "secret", "credential"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// Masks every secret value in `v`; `under_secret` masks every value.
+pub fn mask_json(v: &mut Value, under_secret: bool) {
+    match v {
+        Value::Object(map) => {
+            for (name, value) in map.iter_mut() {
+                mask_json(value, under_secret || secret_field(name));
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                mask_json(item, under_secret);
+            }
+        }
+        Value::Null => {}
+        scalar => {
+            if under_secret {
+                *scalar = Value::String(MASKED.to_owned());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn secrets_in_json_are_masked_at_any_depth() {
+        let mut v = json!({
+            "auth": {"identity": {"methods": ["password"], "password": {"user": {
+                "name": "admin", "domain": {"id": "default"}, "password": "s3cret"}}}},
+            "application_credential": {"id": "abc", "secret": "s4"},
+            "os_token": "s5",
+            "Client_Secret": 42,
+            "items": [{"token": "s6"}, {"name": "ok"}],
+            "name": "cirros",
+            "none": null
+        });
+        mask_json(&mut v, false);
+        let text = v.to_string();
+        for s in ["s3cret", "s4", "s5", "42", "s6", "admin", "abc"] {
+            assert!(!text.contains(s), "{s} leaked: {text}");
+        }
+        assert_eq!(v["name"], "cirros");
+        assert_eq!(v["items"][1]["name"], "ok");
+        assert_eq!(v["auth"]["identity"]["methods"][0], "password");
+        assert_eq!(v["none"], Value::Null);
+    }
+}
