@@ -256,12 +256,20 @@ fn secret_field(name: &str) -> bool {
         .any(|word| name.contains(word))
 }
 
-/// Masks every secret value in `v`; `under_secret` masks every value.
+/// Masks every secret value in `v`: under a field whose name says secret, or set by a JSON-patch
+/// operation whose path does; `under_secret` masks every value.
 pub fn mask_json(v: &mut Value, under_secret: bool) {
     match v {
         Value::Object(map) => {
+            // A JSON-patch operation (glance's PATCH): its `path` names the field its `value` sets.
+            let patches_secret = map.contains_key("op")
+                && map
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| secret_field(p.rsplit('/').next().unwrap_or(p)));
             for (name, value) in map.iter_mut() {
-                mask_json(value, under_secret || secret_field(name));
+                let secret = secret_field(name) || (patches_secret && name == "value");
+                mask_json(value, under_secret || secret);
             }
         }
         Value::Array(items) => {
@@ -293,16 +301,19 @@ mod tests {
             "Client_Secret": 42,
             "items": [{"token": "s6"}, {"name": "ok"}],
             "name": "cirros",
-            "none": null
+            "none": null,
+            "patch": [{"op": "add", "path": "/db_password", "value": "s7"},
+                      {"op": "replace", "path": "/name", "value": "new"}]
         });
         mask_json(&mut v, false);
         let text = v.to_string();
-        for s in ["s3cret", "s4", "s5", "42", "s6", "admin", "abc"] {
+        for s in ["s3cret", "s4", "s5", "42", "s6", "s7", "admin", "abc"] {
             assert!(!text.contains(s), "{s} leaked: {text}");
         }
         assert_eq!(v["name"], "cirros");
         assert_eq!(v["items"][1]["name"], "ok");
         assert_eq!(v["auth"]["identity"]["methods"][0], "password");
         assert_eq!(v["none"], Value::Null);
+        assert_eq!(v["patch"][1]["value"], "new");
     }
 }

@@ -12,6 +12,7 @@ import json
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +30,9 @@ OUT = ROOT / "tests" / "browser" / "out"
 PAGE_SRC = ROOT / "src" / "inspect" / "page.html"
 TOKEN = "gAAAAA-secret-token-value"
 PASSWORD = "s3cret-passw0rd-value"
-STALL_AFTER_S = 1.0
+IMAGE_ID = "5d2f6a3e-8b7c-4e21-9a0f-3c6b1d2e4f70"
+UPLOAD = 3 * 1024 * 1024
+DOWNLOAD = 5 * 1024 * 1024
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -56,26 +59,38 @@ def wait_for(fn, timeout, interval=0.05):
 
 
 class Glance(BaseHTTPRequestHandler):
-    """Answers JSON with a Content-Length, keeps connections alive (HTTP/1.1), echoes the request id
-    like glance does, and holds /v2/images/held until the test sets server.release."""
+    """Answers like glance: JSON with a Content-Length, kept-alive connections (HTTP/1.1), the request
+    id echoed. Holds /v2/images/held until the test sets server.release (a paused debugger), and
+    closes the connection without an answer on .../members (a crashed worker)."""
 
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        # Head and body are written separately: without this, Nagle and delayed ACKs add 40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, *args):
         pass
 
     def handle_any(self):
         n = int(self.headers.get("Content-Length") or 0)
-        if n:
-            self.rfile.read(n)
+        while n > 0:
+            n -= len(self.rfile.read(min(n, 1 << 16)) or b"x" * n)
         path = urllib.parse.urlsplit(self.path).path
         rid = self.headers.get("X-OpenStack-Request-ID") or f"req-{uuid.uuid4()}"
-        status = 200
+        status, ctype, data = 200, "application/json", None
         if path.startswith("/v2/images/held"):
             self.server.held_seen.set()
             self.server.release.wait(120)
             payload = {"id": "held", "name": "cirros-0.6.2-x86_64-disk", "status": "active",
                        "disk_format": "qcow2", "visibility": "public", "size": 21430272}
+        elif path.endswith("/members"):
+            self.close_connection = True
+            return
+        elif path == "/v2/images" and self.command == "POST":
+            status, payload = 201, {"id": IMAGE_ID, "name": "debug-image", "status": "queued",
+                                    "file": f"/v2/images/{IMAGE_ID}/file"}
         elif path == "/v2/images":
             payload = {"images": [{"id": str(uuid.uuid4()), "name": f"image-{i}", "status": "active"}
                                   for i in range(3)], "first": "/v2/images", "schema": "/v2/schemas/images"}
@@ -83,13 +98,19 @@ class Glance(BaseHTTPRequestHandler):
             payload = {"name": "image", "properties": {"id": {"type": "string"}, "name": {"type": ["null", "string"]}}}
         elif path == "/versions":
             payload = {"versions": [{"id": "v2.16", "status": "CURRENT"}]}
+        elif path.endswith("/file") and self.command == "GET":
+            ctype, data = "application/octet-stream", bytes(range(256)) * (DOWNLOAD // 256)
+        elif path.startswith("/v2/images/" + IMAGE_ID) and self.command in ("PUT", "DELETE"):
+            status, data = 204, b""
         else:
             status = 404
             payload = {"code": 404, "title": "Not Found", "message": f"No image found with ID {path.rsplit('/', 1)[-1]}"}
-        data = json.dumps(payload).encode()
+        if data is None:
+            data = json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        if status != 204:
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Openstack-Request-Id", rid)
         self.end_headers()
         if self.command != "HEAD":
@@ -214,7 +235,9 @@ def static_checks():
           scripts == [""] and styles == [""], f"script tags {scripts!r}, style tags {styles!r}")
     bad = [p for p in (r"\son[a-z]+\s*=", r"style\s*=", r"innerHTML", r"outerHTML", r"insertAdjacentHTML",
                        r"document\.write", r"\beval\s*\(", r"new Function", r"<link(?![^>]*href=\"data:)",
-                       r"<img", r"@import", r"url\(") if re.search(p, html)]
+                       r"<img", r"<iframe", r"<object", r"<embed") if re.search(p, html)]
+    css = html.split("<style>", 1)[-1].split("</style>", 1)[0]
+    bad += [p for p in (r"@import", r"\burl\(") if re.search(p, css)]
     check("0. page.html has no inline handlers, style attributes, HTML strings, eval or external resources",
           not bad, f"found {bad}" if bad else "")
 
@@ -313,13 +336,26 @@ def browse(args, shim, glance, browser, senders):
           f"not stalled at first sight, stalled {since:.1f} s after sending, background {bg}")
 
     # other requests, finished while the held one waits (for the filter and the screenshot)
-    others = [("GET", "/versions", 200), ("GET", "/v2/images?limit=20&sort_key=name", 200),
-              ("GET", "/v2/schemas/image", 200), ("GET", "/v2/images/missing", 404)]
+    others = [("GET", "/versions", None, 200), ("GET", "/v2/images?limit=20&sort_key=name", None, 200),
+              ("GET", "/v2/schemas/image", None, 200), ("GET", "/v2/images/missing", None, 404),
+              ("POST", "/v2/images", json.dumps({"name": "debug-image", "disk_format": "qcow2",
+                                                 "container_format": "bare"}), 201),
+              ("PUT", f"/v2/images/{IMAGE_ID}/file", b"\0" * UPLOAD, 204),
+              ("GET", f"/v2/images/{IMAGE_ID}/file", None, 200),
+              ("GET", f"/v2/images/{IMAGE_ID}/members", None, 502),
+              ("DELETE", f"/v2/images/{IMAGE_ID}", None, 204)]
     got = []
-    for method, path, _ in others:
-        st, _ = through_shim(shim, method, path, {"X-Auth-Token": TOKEN, "Accept": "application/json"})
+    for method, path, body, _ in others:
+        headers = {"X-Auth-Token": TOKEN, "Accept": "application/json", "User-Agent": "python-glanceclient"}
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream" if isinstance(body, bytes) else "application/json"
+        try:
+            st, _ = through_shim(shim, method, path, headers, body)
+        except (OSError, http.client.HTTPException) as e:
+            st = repr(e)
         got.append(st)
-    check("   the other requests get glance's answers", got == [s for _, _, s in others], f"{got}")
+    check("   the other requests get glance's answers (and a 502 for the crash)",
+          got == [s for _, _, _, s in others], f"{got}")
     recent_rows = page.locator("#recent tr.row:visible")
     wait_for(lambda: recent_rows.count() == len(others), 3)
 
@@ -357,8 +393,8 @@ def browse(args, shim, glance, browser, senders):
     # 6. the screenshot: recent requests, the stalled one in flight, its detail open
     time.sleep(0.4)
     shot = OUT / "inspector.png"
-    page.locator("#copy-box").evaluate("b => { b.hidden = true; }")
-    page.evaluate("document.getElementById('copy-note').textContent = ''")
+    page.evaluate("""() => { document.getElementById('copy-box').hidden = true;
+        document.getElementById('copy-note').textContent = ''; document.activeElement.blur(); }""")
     page.screenshot(path=str(shot))
 
     leaks = []
@@ -392,6 +428,11 @@ def browse(args, shim, glance, browser, senders):
     check("2. with its arrival time as HH:MM:SS.mmm and the id glance logs",
           cells and re.match(r"^\d\d:\d\d:\d\d\.\d{3}$", cells[0]) and any(c.startswith("req-") for c in cells),
           f"{cells[:1]}")
+    crash = page.locator("#recent tr.row", has_text="/members")
+    check("2. a request that did not complete is visibly marked",
+          crash.count() == 1 and "failed" in (crash.get_attribute("class") or "")
+          and crash.locator(".bad").count() == 1 and "upstream_broke_off" in crash.inner_text(),
+          " ".join(crash.inner_text().split()) if crash.count() == 1 else f"{crash.count()} rows")
     refreshed = wait_for(lambda: "200" in page.inner_text("#d-summary")
                          and "x-openstack-request-id" in page.inner_text("#d-resph"), 3)
     check("2. the open detail view refreshes with the response", refreshed)
@@ -410,13 +451,13 @@ def browse(args, shim, glance, browser, senders):
     wait_for(lambda: n() == every, 3)
     before = n()
     outcomes = {}
-    for query, want in (("schemas", 1), ("status:404", 1), ("IMAGES", 3), ("method:patch", 1),
-                        ("no-such-thing", 0), ("", every)):
+    for query, want in (("schemas", 1), ("status:404", 1), ("IMAGES", 8), ("method:patch", 1), ("/file", 2),
+                        ("status:20", 8), ("broke", 1), ("no-such-thing", 0), ("", every)):
         page.fill("#filter", query)
         wait_for(lambda: n() == want, 2)  # noqa: B023 - called at once
         outcomes[query or "(cleared)"] = n()
-    expected = {"schemas": 1, "status:404": 1, "IMAGES": 3, "method:patch": 1, "no-such-thing": 0,
-                "(cleared)": every}
+    expected = {"schemas": 1, "status:404": 1, "IMAGES": 8, "method:patch": 1, "/file": 2, "status:20": 8,
+                "broke": 1, "no-such-thing": 0, "(cleared)": every}
     check("4. the filter narrows the recent list and restores it when cleared",
           before == every and outcomes == expected, f"{before} rows; {outcomes}")
     page.fill("#filter", "status:404")

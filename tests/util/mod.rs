@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,8 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 pub struct Shim {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The inspector's address, from the listening line (None when it is off).
+    pub inspector: Option<SocketAddr>,
     log: Arc<LogLines>,
 }
 
@@ -57,10 +61,30 @@ impl Shim {
             .wait_for("the listening line", |l| msg(l) == "listening")
             .await;
         shim.addr = line["listen"].as_str().unwrap().parse().unwrap();
+        shim.inspector = line["inspector"].as_str().map(|url| {
+            let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+            hostport.parse().unwrap()
+        });
         shim
     }
 
-    /// Spawns the binary with exactly these arguments and environment additions.
+    /// GET `path` from the inspector's API, as JSON. (Boxed: tests call it often, and each inline
+    /// call would make the test's future larger than a test thread's stack in debug builds.)
+    pub fn api<'a>(&'a self, path: &'a str) -> Pin<Box<dyn Future<Output = Value> + 'a>> {
+        Box::pin(async move {
+            let (head, body) = get(self.inspector.expect("the inspector is on"), path).await;
+            assert_eq!(
+                head.status(),
+                200,
+                "{path}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            serde_json::from_slice(&body).unwrap()
+        })
+    }
+
+    /// Spawns the binary with exactly these arguments and environment additions (an empty value
+    /// removes a variable).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Shim {
         let mut cmd = shim_command();
         cmd.args(args)
@@ -71,7 +95,11 @@ impl Shim {
             cmd.env_remove(var);
         }
         for (k, v) in env {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k); // an empty value removes the variable
+            } else {
+                cmd.env(k, v);
+            }
         }
         // DEBUG_SHIM_RUST_LOG=trace cargo test ... shows what a shim under test did, hyper's and
         // the pool's lines included.
@@ -97,6 +125,7 @@ impl Shim {
         Shim {
             child: Some(child),
             addr: "127.0.0.1:0".parse().unwrap(),
+            inspector: None,
             log,
         }
     }
