@@ -3,7 +3,6 @@
 mod util;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde_json::Value;
 use util::*;
