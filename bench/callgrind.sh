@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/callgrind.sh [REQUESTS] - instructions the shim executes per small request, counted by
 # valgrind's callgrind (repeatable, unlike timings on a shared machine), and the top functions.
-# Needs ab (apache2-utils). Set CALLGRIND_PATH=/large?bytes=N to profile a large transfer instead.
+# Needs ab (apache2-utils). Set CALLGRIND_PATH=/large?bytes=N to profile a large transfer instead;
+# SHIM_BIN picks the binary and SHIM_ARGS adds flags (e.g. SHIM_ARGS="--inspect off").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20000}
@@ -11,13 +12,17 @@ tmp=$(mktemp -d)
 trap 'kill $up 2>/dev/null; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); shim_port=$(free_port)
+bin=${SHIM_BIN:-$T/glance-shim}
+# The inspector on a port of its own unless SHIM_ARGS says otherwise (the default port may be taken).
+inspect="--inspect 127.0.0.1:$(free_port)"
+case "${SHIM_ARGS:-}" in *--inspect\ *) inspect= ;; esac
 $T/examples/bench-upstream "$up_port" & up=$!
-valgrind --tool=callgrind --callgrind-out-file="$tmp/idle.out" $T/glance-shim --listen "$shim_port" \
-    --upstream "$up_port" --log-file "$tmp/shim.log" 2>"$tmp/vg-idle.err" & vg=$!
+valgrind --tool=callgrind --callgrind-out-file="$tmp/idle.out" "$bin" --listen "$shim_port" \
+    --upstream "$up_port" --log-file "$tmp/shim.log" $inspect ${SHIM_ARGS:-} 2>"$tmp/vg-idle.err" & vg=$!
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
 kill -INT $vg; wait $vg || true
-env ${SHIM_ENV:-} valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" $T/glance-shim --listen "$shim_port" \
-    --upstream "$up_port" --log-file "$tmp/shim.log" 2>"$tmp/vg.err" & vg=$!
+env ${SHIM_ENV:-} valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" --listen "$shim_port" \
+    --upstream "$up_port" --log-file "$tmp/shim.log" $inspect ${SHIM_ARGS:-} 2>"$tmp/vg.err" & vg=$!
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
 ab -q -k -n "$n" -c "${CALLGRIND_CONNS:-16}" "http://127.0.0.1:$shim_port$path" | grep -E "Complete requests|Failed requests"
 kill -INT $vg; wait $vg || true

@@ -11,7 +11,10 @@ trap 'kill $up $shim 2>/dev/null; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); shim_port=$(free_port)
 $T/examples/bench-upstream "$up_port" & up=$!
-env ${SHIM_ENV:-} ${SHIM_BIN:-$T/glance-shim} --listen "$shim_port" --upstream "$up_port" --log-file "$tmp/shim.log" ${SHIM_ARGS:-} & shim=$!
+# The inspector on a port of its own unless SHIM_ARGS says otherwise (the default port may be taken).
+inspect="--inspect 127.0.0.1:$(free_port)"
+case "${SHIM_ARGS:-}" in *--inspect\ *) inspect= ;; esac
+env ${SHIM_ENV:-} ${SHIM_BIN:-$T/glance-shim} --listen "$shim_port" --upstream "$up_port" --log-file "$tmp/shim.log" $inspect ${SHIM_ARGS:-} & shim=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
 wrk -t2 -c"$conns" -d1s "http://127.0.0.1:$shim_port/small" >/dev/null
 tck=$(getconf CLK_TCK)

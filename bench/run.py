@@ -94,12 +94,15 @@ class Direct(Peer):
 class GlanceShim(Peer):
     name = "glance-shim"
 
-    def __init__(self, upstream_port, workdir, binary, log=True, name=None):
+    def __init__(self, upstream_port, workdir, binary, log=True, name=None, inspect=True):
         super().__init__(upstream_port, workdir)
         self.binary = binary
         self.log = log
+        self.inspect = inspect
         if not log:
             self.name = "glance-shim, log off"
+        if not inspect:
+            self.name = "glance-shim, inspect off"
         if name:
             self.name = name
 
@@ -110,8 +113,12 @@ class GlanceShim(Peer):
         env.pop("RUST_LOG", None)
         if not self.log:
             env["RUST_LOG"] = "off"
+        # The inspector on a port of its own: the default one may be taken, which would quietly
+        # measure a shim without it.
+        inspect = f"127.0.0.1:{free_port()}" if self.inspect else "off"
         self.proc = subprocess.Popen(
-            [self.binary, "--listen", str(port), "--upstream", str(self.upstream_port), "--log-file", log],
+            [self.binary, "--listen", str(port), "--upstream", str(self.upstream_port), "--log-file", log,
+             "--inspect", inspect],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         wait_port(port, self.proc)
@@ -362,7 +369,7 @@ def startup_ms(binary, trials=20):
     return statistics.median(times)
 
 
-PEERS = ["glance-shim", "glance-shim, log off", "nginx", "HAProxy", "socat", "mitmdump"]
+PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "nginx", "HAProxy", "socat", "mitmdump"]
 
 
 def main():
@@ -403,6 +410,7 @@ def main():
     make = {
         "glance-shim": lambda: GlanceShim(upstream_port, workdir, args.shim),
         "glance-shim, log off": lambda: GlanceShim(upstream_port, workdir, args.shim, log=False),
+        "glance-shim, inspect off": lambda: GlanceShim(upstream_port, workdir, args.shim, inspect=False),
         "nginx": lambda: Nginx(upstream_port, workdir),
         "HAProxy": lambda: HAProxy(upstream_port, workdir),
         "socat": lambda: Socat(upstream_port, workdir),
@@ -472,6 +480,10 @@ def main():
         costs = ", ".join(f"{(1 - ratio('glance-shim', f'rps_c{c}', 'glance-shim, log off')) * 100:.1f}% at c{c}"
                           for c in args.connections)
         print(f"logging cost (two lines per request to a file, against RUST_LOG=off), in req/s: {costs}")
+    if "glance-shim, inspect off" in med:
+        costs = ", ".join(f"{(1 - ratio('glance-shim', k, 'glance-shim, inspect off')) * 100:.1f}% in {k}"
+                          for k in keys if k.startswith("rps_") or k.endswith("MBps"))
+        print(f"inspector cost (on, the default, against --inspect off): {costs}")
 
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

@@ -55,7 +55,13 @@ impl RequestBody {
         gate: Option<ContinueGate>,
         registry: &Arc<Registry>,
     ) -> RequestBody {
-        let copy = registry.copier().map(|c| (c, registry.clone()));
+        let mut copy = registry.copier().map(|c| (c, registry.clone()));
+        if inner.is_end_stream()
+            && let Some((copier, _)) = copy.take()
+        {
+            // No body: kept whole at once.
+            let _ = exchange.copies.request_body.set(copier.finish(true));
+        }
         RequestBody {
             inner,
             exchange,

@@ -74,7 +74,7 @@ impl Registry {
         self.lock().remove(&exchange.serial);
         if let Some(keeper) = &self.keeper {
             self.events.publish(Kind::Done, exchange);
-            for old in keeper.finish(exchange.clone()) {
+            if let Some(old) = keeper.finish(exchange.clone()) {
                 self.events.evicted(&old);
             }
         }

@@ -80,7 +80,7 @@ impl Drop for Charge {
 /// A copy of a message head's fields.
 #[derive(Debug)]
 pub struct Head {
-    lines: Box<[u8]>,
+    lines: Vec<u8>,
     _charge: Charge,
 }
 
@@ -161,20 +161,18 @@ impl Keeper {
 
     /// A copy of `headers`, or `None` when there is no room for it.
     pub fn head(&self, headers: &HeaderMap, evicted: &mut dyn FnMut(&Exchange)) -> Option<Head> {
-        let len = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 2)
-            .sum();
-        let charge = self.charge(len, evicted)?;
-        let mut lines = Vec::with_capacity(len);
+        // One pass, into room for the usual line length; kept as it is (shrinking it would cost a
+        // second copy), and charged for all of it.
+        let mut lines = Vec::with_capacity(headers.len() * 48);
         for (name, value) in headers {
             lines.extend_from_slice(name.as_str().as_bytes());
             lines.push(b':');
             lines.extend_from_slice(value.as_bytes());
             lines.push(b'\n');
         }
+        let charge = self.charge(lines.capacity(), evicted)?;
         Some(Head {
-            lines: lines.into_boxed_slice(),
+            lines,
             _charge: charge,
         })
     }
@@ -190,12 +188,13 @@ impl Keeper {
         }
     }
 
-    /// Keeps a finished request; returns those that no longer fit (`--inspect-keep`).
-    pub fn finish(&self, exchange: Arc<Exchange>) -> Vec<Arc<Exchange>> {
+    /// Keeps a finished request; returns the one that no longer fits (`--inspect-keep`), if any.
+    pub fn finish(&self, exchange: Arc<Exchange>) -> Option<Arc<Exchange>> {
         let mut finished = self.finished();
         finished.push_back(exchange);
-        let over = finished.len().saturating_sub(self.keep);
-        finished.drain(..over).collect()
+        (finished.len() > self.keep)
+            .then(|| finished.pop_front())
+            .flatten()
     }
 
     /// The finished requests, oldest first.

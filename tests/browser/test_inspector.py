@@ -462,7 +462,8 @@ def browse(args, shim, glance, browser, senders):
           before == every and outcomes == expected, f"{before} rows; {outcomes}")
     page.fill("#filter", "status:404")
     only = page.locator("#recent tr.row:visible").all_inner_texts()
-    check("4. status:404 leaves the 404", len(only) == 1 and "/v2/images/missing" in only[0], only[0] if only else "")
+    check("4. status:404 leaves the 404", len(only) == 1 and "/v2/images/missing" in only[0],
+          " ".join(only[0].split()) if only else "")
     page.fill("#filter", "")
 
     # 5. a clean console and no request anywhere but the inspector
