@@ -161,7 +161,7 @@ pub struct Args {
     /// Serve the inspector (a live page of the requests, and its JSON API) here: PORT, HOST:PORT,
     /// [IPv6]:PORT, or off [default: 127.0.0.1:9293]. If the default port is taken, the shim warns
     /// and proxies without it.
-    #[arg(long, env = "GLANCE_SHIM_INSPECT", value_name = "ADDR|off", value_parser = parse_inspect)]
+    #[arg(long, env = "GLANCE_SHIM_INSPECT", value_name = "ADDR", value_parser = parse_inspect)]
     pub inspect: Option<InspectAt>,
 
     /// Finished requests the inspector keeps (the oldest go first).
@@ -377,6 +377,44 @@ mod tests {
             Parsed::Usage(line) => line,
             other => panic!("expected a usage error from {args:?}, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_inspector_is_on_by_default_at_9293_and_can_be_moved_or_turned_off() {
+        let base = ["--listen", "9292", "--upstream", "60999"];
+        let c = config(&base);
+        let i = c.inspect.unwrap();
+        assert_eq!(i.addr.to_string(), "127.0.0.1:9293");
+        assert!(!i.explicit, "the default only warns when taken");
+        assert_eq!((i.keep, i.body, i.memory), (1000, 65536, 32 << 20));
+        let c = config(&[&base[..], &["--inspect", "OFF"]].concat());
+        assert!(c.inspect.is_none());
+        let c = config(
+            &[
+                &base[..],
+                &[
+                    "--inspect",
+                    "0",
+                    "--inspect-keep",
+                    "5",
+                    "--inspect-body",
+                    "1KiB",
+                ],
+                &["--inspect-memory", "2 MiB"],
+            ]
+            .concat(),
+        );
+        let i = c.inspect.unwrap();
+        assert_eq!(i.addr.to_string(), "127.0.0.1:0");
+        assert!(i.explicit);
+        assert_eq!((i.keep, i.body, i.memory), (5, 1024, 2 << 20));
+        let line = usage(&[&base[..], &["--inspect-body", "lots"]].concat());
+        assert!(
+            line.contains("--inspect-body") && line.contains("64KiB"),
+            "{line}"
+        );
+        let line = usage(&[&base[..], &["--inspect", "nowhere"]].concat());
+        assert!(line.contains("--inspect"), "{line}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Multi-gigabyte image uploads and downloads through the shim arrive intact (same sha256) while the
-//! shim's memory stays flat: nothing is gathered in memory or on disk.
+//! shim's memory stays flat: nothing is gathered in memory or on disk, and the inspector (on, as by
+//! default) keeps only the first 64 KiB of each body.
 //!
 //! The quick tier moves 256 MiB each way; the long tier (`cargo test -- --ignored`) 5 GiB.
 
@@ -79,6 +80,14 @@ async fn up_and_down(n: u64) {
         "download sha256 at the client"
     );
     conn.stream.shutdown().await.ok();
+
+    // The inspector was on all along, and kept the start of each body and nothing more.
+    shim.wait_for_nth("both completions", 2, completion).await;
+    let upload = shim.api("/api/requests/0").await;
+    assert_eq!(upload["request"]["body"]["size"], n);
+    assert_eq!(upload["request"]["body"]["kept"], 65536);
+    let download = shim.api("/api/requests/1").await;
+    assert_eq!(download["response"]["body"]["kept"], 65536);
 
     let rss = shim.peak_rss();
     eprintln!(

@@ -592,3 +592,41 @@ async fn off_is_off_and_a_non_loopback_address_is_warned_about() {
         .await;
     assert!(warning["inspect"].as_str().unwrap().starts_with("0.0.0.0:"));
 }
+
+fn json_post(i: usize) -> String {
+    // Mostly 1 KiB bodies; every 20th is 60 KiB, so that the kept bytes reach --inspect-memory.
+    let pad = if i % 20 == 0 { 60 * 1024 } else { 1024 };
+    let body = format!(
+        r#"{{"name":"image-{i}","password":"p{i}","padding":"{}"}}"#,
+        "x".repeat(pad)
+    );
+    format!(
+        "POST /v2/images HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nX-Auth-Token: t{i}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 100,000 requests"]
+async fn after_100000_json_requests_memory_stays_under_the_cap_plus_16_mib() {
+    // With the defaults, and with a cap small enough for these requests to reach it.
+    for flags in [&[][..], &["--inspect-memory", "8MiB"][..]] {
+        let echo = Echo::start().await;
+        let shim = Shim::start(&echo.port(), flags).await;
+        load(shim.addr, 100_000, 16, json_post).await;
+        let list = shim.api("/api/requests").await;
+        let used = list["memory_used"].as_u64().unwrap();
+        let max = list["shim"]["memory_max"].as_u64().unwrap();
+        assert!(used <= max, "{used} bytes kept, over {max}");
+        let kept = list["recent"].as_array().unwrap().len();
+        assert!(kept > 100 && kept <= 1000, "{kept} kept");
+        let rss = shim.peak_rss();
+        eprintln!(
+            "100,000 requests, {flags:?}: {kept} kept in {:.1} MiB; shim peak RSS {:.1} MiB",
+            used as f64 / (1 << 20) as f64,
+            rss as f64 / (1 << 20) as f64
+        );
+        assert!(rss < max + (16 << 20), "peak RSS {rss} bytes");
+    }
+}
