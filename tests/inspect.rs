@@ -595,7 +595,7 @@ async fn off_is_off_and_a_non_loopback_address_is_warned_about() {
 
 fn json_post(i: usize) -> String {
     // Mostly 1 KiB bodies; every 20th is 60 KiB, so that the kept bytes reach --inspect-memory.
-    let pad = if i % 20 == 0 { 60 * 1024 } else { 1024 };
+    let pad = if i.is_multiple_of(20) { 60 * 1024 } else { 1024 };
     let body = format!(
         r#"{{"name":"image-{i}","password":"p{i}","padding":"{}"}}"#,
         "x".repeat(pad)
