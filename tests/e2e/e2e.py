@@ -269,6 +269,30 @@ def check_correlation(shim, mark, glance, label):
                        f"glance's x-openstack-request-id and in glance's own log")
 
 
+def inspector_shows(shim, glance, label):
+    """`openstack image create` is on the shim's inspector under the id glance logged, and no token is."""
+    listed, _ = shim.api("/api/requests")
+    log = glance.log_text()
+    found = None
+    served = []
+    for r in listed["recent"]:
+        if (r["method"], r["target"], r["status"]) != ("POST", "/v2/images", 201):
+            continue
+        detail, text = shim.api(f"/api/requests/{r['serial']}")
+        served.append(text)
+        body = detail["request"]["body"]["json"] or {}
+        if body.get("name") == "e2e-osc" and found is None:
+            found = detail  # the newest
+    check(found is not None, f"{label}: the inspector lists `openstack image create` (POST /v2/images, 201)")
+    check(found["id"] in log and found["upstream_id"] == found["id"],
+          f"{label}: under the id in glance's log and x-openstack-request-id: {found['id']}")
+    check(found["response"]["body"]["json"]["name"] == "e2e-osc",
+          f"{label}: with glance's JSON answer, pretty-printable")
+    tokens = [h for text in served for h in json.loads(text)["request"]["headers"] if h[0] == "x-auth-token"]
+    check(tokens and all(h[1] == "<masked>" for h in tokens) and not any("e2e-token" in t for t in served),
+          f"{label}: the inspector never serves the token ({len(tokens)} masked X-Auth-Token headers)")
+
+
 def arrival_before_answer(shim, mark, label):
     """Each completed request's arrival line precedes its completion line."""
     lines = shim.since(mark)
@@ -392,6 +416,7 @@ def gen32(tmp, src, big):
         mark = shim.mark()
         same_as_direct(baseline, run_flows(Client(32, card.url, tmp), src, card.url), "Apache -> shim")
         check_correlation(shim, mark, glance, "Apache -> shim")
+        inspector_shows(shim, glance, "Apache -> shim")
 
         takeover_port = free_port()
         apache = stack.add(Apache(os.path.join(tmp, "a32t")).start(free_port(), takeover_port))
@@ -453,6 +478,7 @@ def gen33(tmp, src, big):
         mark = shim.mark()
         same_as_direct(baseline, run_flows(c, src, card.url), "Apache -> shim -> uWSGI")
         check_correlation(shim, mark, uwsgi, "Apache -> shim -> uWSGI")
+        inspector_shows(shim, uwsgi, "Apache -> shim -> uWSGI")
         check(expect_100(c, src) == 204, "Apache -> shim -> uWSGI: curl upload with Expect: 100-continue -> 204")
         long_request_id(c, direct, "/v2/images", "Apache -> shim -> uWSGI")
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -405,9 +406,11 @@ class Shim:
     def start(self, port, upstream, *flags):
         self.port = port
         out = open(self.out, "ab")
+        # Every shim's inspector on a port of its own: several run at once.
+        inspect = [] if "--inspect" in flags else ["--inspect", "127.0.0.1:0"]
         self.proc = subprocess.Popen(
             [SHIM, "--listen", f"127.0.0.1:{port}", "--upstream", str(upstream), "--log-format", "json",
-             "--log-file", self.log, *flags],
+             "--log-file", self.log, *inspect, *flags],
             env=CLEAN_ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         out.close()
         wait_until(f"glance-shim on {port}", lambda: port_open(port), 10, self.proc, self.out)
@@ -428,6 +431,14 @@ class Shim:
                 except ValueError:
                     out.append({"message": line.rstrip("\n"), "unparsed": True})
         return out
+
+    def api(self, path):
+        """GET `path` from the shim's inspector -> (parsed JSON, the body as text)."""
+        listening = self.wait_for("the listening line", lambda l: l.get("message") == "listening")
+        url = listening["inspector"].rstrip("/") + path
+        with urllib.request.urlopen(url, timeout=20) as r:
+            text = r.read().decode()
+        return json.loads(text), text
 
     def mark(self):
         """A position in the log: lines after it belong to what happens next."""
