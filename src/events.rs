@@ -109,3 +109,51 @@ impl Events {
         *self.seq()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, Method};
+
+    fn exchange(serial: u64) -> Arc<Exchange> {
+        let mut headers = HeaderMap::new();
+        Arc::new(Exchange::new(
+            serial,
+            crate::correlation::assign(&mut headers),
+            Method::GET,
+            "/".into(),
+            crate::exchange::Client::new("127.0.0.1:5000".parse().unwrap()),
+        ))
+    }
+
+    #[test]
+    fn a_subscriber_gets_exactly_the_events_after_the_number_it_was_given() {
+        let events = Events::default();
+        let a = exchange(1);
+        events.publish(Kind::Arrived, &a);
+        assert_eq!(a.version(), 1, "numbered even with nobody listening");
+        let (seq, mut rx) = events.subscribe();
+        assert_eq!(seq, 1);
+        events.publish(Kind::Done, &a);
+        events.evicted(&a);
+        let got: Vec<(u64, Kind, u64)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| (e.seq, e.kind, e.serial))
+            .collect();
+        assert_eq!(got, vec![(2, Kind::Done, 1), (3, Kind::Evicted, 1)]);
+        assert_eq!(a.version(), 3);
+    }
+
+    #[test]
+    fn a_subscriber_that_falls_behind_is_told_and_the_publisher_never_waits() {
+        let events = Events::default();
+        let (_, mut rx) = events.subscribe();
+        let a = exchange(1);
+        for _ in 0..CAPACITY + 10 {
+            events.publish(Kind::Arrived, &a);
+        }
+        assert!(matches!(
+            rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(10))
+        ));
+    }
+}

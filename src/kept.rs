@@ -110,7 +110,7 @@ impl Head {
 /// The part of a body that was kept.
 #[derive(Debug)]
 pub struct KeptBody {
-    pub bytes: Box<[u8]>,
+    pub bytes: Vec<u8>,
     /// The kept bytes are the whole body.
     pub complete: bool,
     /// Why the copy stopped early, if it did for a reason other than `--inspect-body`.
@@ -222,17 +222,22 @@ impl Copier {
         if want == 0 || self.short.is_some() {
             return;
         }
-        let Some(more) = charge(want) else {
-            self.short = Some("the inspector's memory (--inspect-memory) was full");
-            return;
-        };
-        match &mut self.charge {
-            Some(c) => c.grow(more),
-            None => self.charge = Some(more),
-        }
-        if self.buf.capacity() == 0 {
-            // Most bodies are small: no more room than the first frame needs, up to the limit.
-            self.buf.reserve_exact(want);
+        let needed = self.buf.len() + want;
+        if needed > self.buf.capacity() {
+            // The room is what is charged: no more than the first frame needs (most bodies are one
+            // small frame), then doubling, never past the limit.
+            let room = needed
+                .max(self.buf.capacity().saturating_mul(2))
+                .min(self.limit);
+            let Some(more) = charge(room - self.buf.capacity()) else {
+                self.short = Some("the inspector's memory (--inspect-memory) was full");
+                return;
+            };
+            match &mut self.charge {
+                Some(c) => c.grow(more),
+                None => self.charge = Some(more),
+            }
+            self.buf.reserve_exact(room - self.buf.len());
         }
         self.buf.extend_from_slice(&data[..want]);
     }
@@ -242,7 +247,7 @@ impl Copier {
         KeptBody {
             complete: ended && self.short.is_none() && self.seen == self.buf.len(),
             short: self.short,
-            bytes: self.buf.into_boxed_slice(),
+            bytes: self.buf,
             _charge: self.charge,
         }
     }
@@ -257,4 +262,124 @@ pub struct Copies {
     pub response_head: std::sync::OnceLock<Head>,
     pub request_body: std::sync::OnceLock<KeptBody>,
     pub response_body: std::sync::OnceLock<KeptBody>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderValue, Method};
+
+    fn exchange(serial: u64) -> Arc<Exchange> {
+        let mut headers = HeaderMap::new();
+        Arc::new(Exchange::new(
+            serial,
+            crate::correlation::assign(&mut headers),
+            Method::GET,
+            "/v2/images".into(),
+            crate::exchange::Client::new("127.0.0.1:5000".parse().unwrap()),
+        ))
+    }
+
+    fn never_evicted(_: &Exchange) {
+        panic!("nothing should be evicted");
+    }
+
+    #[test]
+    fn a_head_copy_keeps_every_field_in_order_and_its_charge_goes_with_it() {
+        let keeper = Keeper::new(10, 1024, 1 << 20);
+        let mut h = HeaderMap::new();
+        h.append("host", HeaderValue::from_static("controller:9292"));
+        h.append("x-image-meta-a", HeaderValue::from_static("1"));
+        h.append(
+            "x-image-meta-a",
+            HeaderValue::from_static("two: with a colon"),
+        );
+        h.append("x-raw", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let head = keeper.head(&h, &mut never_evicted).unwrap();
+        let fields: Vec<(&str, &[u8])> = head.fields().collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("host", &b"controller:9292"[..]),
+                ("x-image-meta-a", b"1"),
+                ("x-image-meta-a", b"two: with a colon"),
+                ("x-raw", b"caf\xe9"),
+            ]
+        );
+        assert_eq!(head.get("host"), Some(&b"controller:9292"[..]));
+        assert!(keeper.budget().used() >= head.size());
+        drop(head);
+        assert_eq!(keeper.budget().used(), 0, "the charge is returned");
+    }
+
+    #[test]
+    fn a_copier_keeps_the_start_up_to_its_limit_and_says_whether_that_is_all() {
+        let keeper = Keeper::new(10, 100, 1 << 20);
+        let charge = |n| keeper.charge(n, &mut never_evicted);
+        let mut c = keeper.copier();
+        c.take(&[1; 60], charge);
+        c.take(&[2; 30], |n| keeper.charge(n, &mut never_evicted));
+        let whole = c.finish(true);
+        assert_eq!(whole.bytes.len(), 90);
+        assert!(whole.complete);
+
+        let mut c = keeper.copier();
+        for _ in 0..10 {
+            c.take(&[3; 60], |n| keeper.charge(n, &mut never_evicted));
+        }
+        let cut = c.finish(true);
+        assert_eq!(cut.bytes, vec![3; 100], "the first 100 bytes and no more");
+        assert!(!cut.complete);
+        assert!(cut.short.is_none(), "cut by its limit, not by the budget");
+
+        let mut c = keeper.copier();
+        c.take(&[4; 10], |n| keeper.charge(n, &mut never_evicted));
+        assert!(
+            !c.finish(false).complete,
+            "a body that broke off is not whole"
+        );
+        assert!(keeper.budget().used() <= 2 * 100 + 10);
+        drop((whole, cut));
+    }
+
+    #[test]
+    fn room_is_made_from_the_oldest_finished_and_a_full_budget_cuts_the_copy() {
+        let keeper = Keeper::new(10, 1000, 1000);
+        let old = exchange(1);
+        let mut c = keeper.copier();
+        c.take(&[0; 600], |n| keeper.charge(n, &mut never_evicted));
+        let _ = old.copies.request_body.set(c.finish(true));
+        assert!(keeper.finish(old).is_none());
+        assert!(keeper.finish(exchange(2)).is_none());
+
+        let mut evicted = Vec::new();
+        let mut c = keeper.copier();
+        c.take(&[0; 600], |n| {
+            keeper.charge(n, &mut |e: &Exchange| evicted.push(e.serial))
+        });
+        assert_eq!(evicted, vec![1], "the oldest finished went first");
+        let kept = c.finish(true);
+        assert_eq!(kept.bytes.len(), 600);
+        assert!(keeper.budget().used() <= 1000);
+
+        // Nothing left to evict that holds memory: the copy stops and says why.
+        let mut c = keeper.copier();
+        c.take(&[0; 600], |n| keeper.charge(n, &mut |_: &Exchange| {}));
+        let short = c.finish(true);
+        assert!(!short.complete);
+        assert!(short.short.unwrap().contains("--inspect-memory"));
+        assert!(keeper.snapshot().is_empty());
+    }
+
+    #[test]
+    fn at_most_keep_finished_are_kept() {
+        let keeper = Keeper::new(2, 10, 100);
+        assert!(keeper.finish(exchange(1)).is_none());
+        assert!(keeper.finish(exchange(2)).is_none());
+        assert_eq!(keeper.finish(exchange(3)).map(|e| e.serial), Some(1));
+        let serials: Vec<u64> = keeper.snapshot().iter().map(|e| e.serial).collect();
+        assert_eq!(serials, vec![2, 3]);
+        let none = Keeper::new(0, 10, 100);
+        assert_eq!(none.finish(exchange(4)).map(|e| e.serial), Some(4));
+    }
 }
