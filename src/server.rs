@@ -161,8 +161,7 @@ impl Server {
                 );
             }
             let listen = listener.local_addr().unwrap_or(addr);
-            let inspector =
-                crate::inspect::Inspector::new(&config, listen, addr, proxy.registry.clone());
+            let inspector = crate::inspect::Inspector::new(&config, listen, proxy.registry.clone());
             tokio::spawn(Arc::new(inspector).serve(inspect_listener));
         }
         if config.upstream_insecure {

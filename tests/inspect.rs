@@ -595,7 +595,11 @@ async fn off_is_off_and_a_non_loopback_address_is_warned_about() {
 
 fn json_post(i: usize) -> String {
     // Mostly 1 KiB bodies; every 20th is 60 KiB, so that the kept bytes reach --inspect-memory.
-    let pad = if i.is_multiple_of(20) { 60 * 1024 } else { 1024 };
+    let pad = if i.is_multiple_of(20) {
+        60 * 1024
+    } else {
+        1024
+    };
     let body = format!(
         r#"{{"name":"image-{i}","password":"p{i}","padding":"{}"}}"#,
         "x".repeat(pad)
@@ -629,4 +633,27 @@ async fn after_100000_json_requests_memory_stays_under_the_cap_plus_16_mib() {
         );
         assert!(rss < max + (16 << 20), "peak RSS {rss} bytes");
     }
+}
+
+#[tokio::test]
+async fn the_shims_own_answer_is_kept_once_as_it_was_sent() {
+    let down = Reserved::new();
+    let shim = Shim::start(&down.port_str(), &[]).await;
+    let (head, body) = get(shim.addr, "/v2/images").await;
+    assert_eq!(head.status(), 502);
+    shim.wait_for("the completion line", completion).await;
+    let d = shim.api("/api/requests/0").await;
+    assert_eq!(d["outcome"], "upstream_unreachable");
+    let kept = &d["response"]["body"];
+    assert_eq!(kept["size"], body.len());
+    assert_eq!(kept["kept"], body.len());
+    assert_eq!(kept["complete"], true);
+    let sent: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(kept["json"], sent, "the JSON the client got");
+    let headers = d["response"]["headers"].as_array().unwrap();
+    assert!(
+        headers
+            .iter()
+            .any(|h| h[0] == "content-type" && h[1] == "application/json")
+    );
 }

@@ -99,8 +99,9 @@ pub struct Inspector {
     registry: Arc<Registry>,
     shim: ShimInfo,
     stall_after: Option<Duration>,
-    /// Host names (without port) that requests may carry.
-    hosts: Vec<String>,
+    /// Host names (without port) that requests may carry, besides the address a connection came in
+    /// on.
+    hosts: [&'static str; 3],
     csp: HeaderValue,
 }
 
@@ -116,17 +117,8 @@ struct ShimInfo {
 }
 
 impl Inspector {
-    pub fn new(
-        config: &Config,
-        listen: SocketAddr,
-        local: SocketAddr,
-        registry: Arc<Registry>,
-    ) -> Inspector {
+    pub fn new(config: &Config, listen: SocketAddr, registry: Arc<Registry>) -> Inspector {
         let inspect = config.inspect.clone().unwrap_or_else(Inspect::default_on);
-        let mut hosts = vec!["localhost".to_owned(), "127.0.0.1".into(), "[::1]".into()];
-        if !local.ip().is_unspecified() {
-            hosts.push(host_literal(local.ip()));
-        }
         Inspector {
             registry,
             shim: ShimInfo {
@@ -138,7 +130,7 @@ impl Inspector {
                 memory_max: inspect.memory,
             },
             stall_after: config.stall_after,
-            hosts,
+            hosts: ["localhost", "127.0.0.1", "[::1]"],
             csp: HeaderValue::from_str(&content_security_policy(PAGE))
                 .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'")),
         }
@@ -164,13 +156,18 @@ impl Inspector {
                 }
             };
             let _ = stream.set_nodelay(true);
+            // The address this connection came in on is the inspector's own (it may listen on all).
+            let own: Arc<str> = match stream.local_addr() {
+                Ok(addr) => host_literal(addr.ip()).into(),
+                Err(_) => "localhost".into(),
+            };
             let inspector = self.clone();
             let http = http.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let service = service_fn(move |req| {
-                    let inspector = inspector.clone();
-                    async move { Ok::<_, Infallible>(inspector.handle(&req)) }
+                    let (inspector, own) = (inspector.clone(), own.clone());
+                    async move { Ok::<_, Infallible>(inspector.handle(&req, &own)) }
                 });
                 if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
                     debug!(client = %peer, error = %e, "an inspector connection ended with an error");
@@ -179,8 +176,8 @@ impl Inspector {
         }
     }
 
-    fn handle(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Out> {
-        let mut res = self.route(req);
+    fn handle(self: &Arc<Self>, req: &Request<Incoming>, own: &str) -> Response<Out> {
+        let mut res = self.route(req, own);
         let h = res.headers_mut();
         h.insert(header::CONTENT_SECURITY_POLICY, self.csp.clone());
         h.insert(
@@ -200,8 +197,8 @@ impl Inspector {
         res
     }
 
-    fn route(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Out> {
-        if let Err(why) = self.check_origin(req) {
+    fn route(self: &Arc<Self>, req: &Request<Incoming>, own: &str) -> Response<Out> {
+        if let Err(why) = self.check_origin(req, own) {
             return error(StatusCode::FORBIDDEN, &why);
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -252,15 +249,17 @@ impl Inspector {
         }
     }
 
-    /// Refuses a request that names another host: `Host` must be localhost or the inspector's own
-    /// address (any port: an SSH tunnel changes it), and so must `Origin` when there is one.
-    fn check_origin(&self, req: &Request<Incoming>) -> Result<(), String> {
+    /// Refuses a request that names another host: `Host` must be localhost or `own`, the address the
+    /// connection came in on (any port: an SSH tunnel changes it), and so must `Origin` when there is
+    /// one. A page served from any other name (DNS rebinding) is refused, whatever that name resolves
+    /// to.
+    fn check_origin(&self, req: &Request<Incoming>, own: &str) -> Result<(), String> {
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .ok_or("a request to the inspector needs a Host header")?;
-        if !self.allowed(host) {
+        if !self.allowed(host, own) {
             return Err(format!(
                 "the inspector answers only requests for localhost or its own address, not '{}'",
                 crate::correlation::printable(host.as_bytes())
@@ -270,7 +269,7 @@ impl Inspector {
             let origin = origin.to_str().unwrap_or("");
             let ok = origin
                 .strip_prefix("http://")
-                .is_some_and(|rest| self.allowed(rest));
+                .is_some_and(|rest| self.allowed(rest, own));
             if !ok {
                 return Err(format!(
                     "the inspector answers only its own pages, not pages from '{}'",
@@ -281,9 +280,9 @@ impl Inspector {
         Ok(())
     }
 
-    fn allowed(&self, host_port: &str) -> bool {
+    fn allowed(&self, host_port: &str, own: &str) -> bool {
         let host = strip_port(host_port);
-        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+        host.eq_ignore_ascii_case(own) || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
     }
 
     fn list(&self) -> List<'_, impl Serialize> {

@@ -402,6 +402,7 @@ def browse(args, shim, glance, browser, senders):
     # 6. the screenshot: recent requests, the stalled one in flight, its detail open
     time.sleep(0.4)
     shot = OUT / "inspector.png"
+    page.mouse.move(700, 880)
     page.evaluate("""() => { document.getElementById('copy-box').hidden = true;
         document.getElementById('copy-note').textContent = ''; document.activeElement.blur(); }""")
     page.screenshot(path=str(shot))
@@ -470,9 +471,10 @@ def browse(args, shim, glance, browser, senders):
     check("4. the filter narrows the recent list and restores it when cleared",
           before == every and outcomes == expected, f"{before} rows; {outcomes}")
     page.fill("#filter", "status:404")
+    wait_for(lambda: n() == 1, 2)
     only = page.locator("#recent tr.row:visible").all_inner_texts()
     check("4. status:404 leaves the 404", len(only) == 1 and "/v2/images/missing" in only[0],
-          " ".join(only[0].split()) if only else "")
+          " | ".join(" ".join(t.split()) for t in only) or "no row")
     page.fill("#filter", "")
 
     # 5. a clean console and no request anywhere but the inspector
