@@ -55,12 +55,14 @@ impl RequestBody {
         gate: Option<ContinueGate>,
         registry: &Arc<Registry>,
     ) -> RequestBody {
-        let mut copy = registry.copier().map(|c| (c, registry.clone()));
-        if inner.is_end_stream()
-            && let Some((copier, _)) = copy.take()
-        {
-            // No body: kept whole at once.
-            let _ = exchange.copies.request_body.set(copier.finish(true));
+        let mut copy = None;
+        if let Some(copier) = registry.copier() {
+            if inner.is_end_stream() {
+                // No body: kept whole at once.
+                let _ = exchange.copies.request_body.set(copier.finish(true));
+            } else {
+                copy = Some((copier, registry.clone()));
+            }
         }
         RequestBody {
             inner,

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Inspector, Out, view};
-use crate::events::{Event, Kind};
+use crate::events::{Event, Kind, Subscription};
 
 /// How often the requests in flight are sent (their counters, bytes and phases move between events).
 const TICK: Duration = Duration::from_secs(1);
@@ -49,7 +49,7 @@ async fn feed(
     inspector: Arc<Inspector>,
     since: Option<u64>,
     seq: u64,
-    mut events: broadcast::Receiver<Event>,
+    mut events: Subscription,
     tx: mpsc::Sender<Bytes>,
 ) {
     let out = Sender(tx);
@@ -90,7 +90,7 @@ async fn feed(
     quiet.reset();
     loop {
         let text = tokio::select! {
-            event = events.recv() => match event {
+            event = events.rx.recv() => match event {
                 Ok(event) => render(&inspector, &event),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     let mut text = String::new();
