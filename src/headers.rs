@@ -75,6 +75,31 @@ pub fn has_our_via(headers: &HeaderMap) -> bool {
     })
 }
 
+/// Turns a client's request fields into the ones glance gets: hop-by-hop fields out (a chunked body
+/// stays chunked), `Via` and `X-Forwarded-*` in. `proxy` applies it to every request; the inspector
+/// applies it again to its copy of the fields as they arrived, to show what glance got.
+pub fn for_upstream(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &'static str) {
+    // A chunked request body must stay chunked; hyper would otherwise send no body at all for a GET
+    // or HEAD with unknown length.
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    remove_hop_by_hop(headers);
+    if chunked && !headers.contains_key(header::CONTENT_LENGTH) {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    let host = headers.get(header::HOST).cloned();
+    add_forwarding(
+        headers,
+        &Forwarded {
+            client_ip,
+            proto,
+            host: host.as_ref(),
+        },
+    );
+}
+
 /// What the shim adds to a request before forwarding it.
 pub struct Forwarded<'a> {
     /// The address the request came from, as it is appended to `X-Forwarded-For`.

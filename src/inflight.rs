@@ -91,8 +91,8 @@ impl Registry {
         }
     }
 
-    /// Keeps a copy of the request head as it goes to glance.
-    pub fn sending(&self, exchange: &Exchange, headers: &HeaderMap) {
+    /// Keeps a copy of the request head as it arrived (with the request id glance gets).
+    pub fn arrived_head(&self, exchange: &Exchange, headers: &HeaderMap) {
         if let Some(head) = self.copy_head(headers) {
             let _ = exchange.copies.request_head.set(head);
         }

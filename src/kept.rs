@@ -97,6 +97,20 @@ impl Head {
             })
     }
 
+    /// The fields as a map again (a field that no longer parses is left out).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.fields().count());
+        for (name, value) in self.fields() {
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                map.append(n, v);
+            }
+        }
+        map
+    }
+
     /// The first value of `name` (lower-case).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.fields().find(|(n, _)| *n == name).map(|(_, v)| v)
@@ -260,7 +274,7 @@ impl Copier {
 /// The copies one request's record holds; each is set once, when its part has passed.
 #[derive(Debug, Default)]
 pub struct Copies {
-    /// The request head as sent to glance.
+    /// The request head as it arrived (with the request id glance gets).
     pub request_head: std::sync::OnceLock<Head>,
     /// The response head as sent to the client (glance's, or the shim's own answer's).
     pub response_head: std::sync::OnceLock<Head>,

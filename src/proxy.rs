@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::correlation::{self, X_OPENSTACK_REQUEST_ID};
 use crate::error::ProxyError;
 use crate::exchange::{Client, Continue, Exchange, ExchangeGuard, Mark, Outcome};
-use crate::headers::{self, Forwarded};
+use crate::headers;
 use crate::inflight::Registry;
 use crate::keepalive::Serving;
 use crate::upstream::{Health, Lease, Pool};
@@ -94,6 +94,8 @@ impl Proxy {
             exchange.request_body_done();
         }
         exchange.log_arrival(self.log_headers.then(|| headers::for_log(&parts.headers)));
+        // As it arrived: a refused request is shown too, and what glance got is derived from it.
+        self.registry.arrived_head(&exchange, &parts.headers);
 
         if let Err(err) = self.prepare(&mut parts, &client) {
             return self.answer(err, guard);
@@ -110,7 +112,6 @@ impl Proxy {
             let gate = ContinueGate::new(signal.clone(), self.health.clone());
             (Some(gate), Some(signal))
         };
-        self.registry.sending(&exchange, &parts.headers);
         let body = RequestBody::new(body, exchange.clone(), gate, &self.registry);
         let mut req = Request::from_parts(parts, body);
         if expects_continue {
@@ -198,25 +199,7 @@ impl Proxy {
             parts.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         }
 
-        // A chunked request body must stay chunked; hyper would otherwise send no body at all for a
-        // GET or HEAD with unknown length.
-        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        headers::remove_hop_by_hop(&mut parts.headers);
-        if chunked && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-            parts.headers.insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        let host = parts.headers.get(header::HOST).cloned();
-        headers::add_forwarding(
-            &mut parts.headers,
-            &Forwarded {
-                client_ip: &client.ip,
-                proto: self.client_proto,
-                host: host.as_ref(),
-            },
-        );
+        headers::for_upstream(&mut parts.headers, &client.ip, self.client_proto);
         Ok(())
     }
 

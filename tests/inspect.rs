@@ -119,7 +119,7 @@ async fn a_request_whole_with_its_secrets_masked_and_glances_id() {
     let up = RawUpstream::bind().await;
     let shim = Shim::start(&up.port(), &[]).await;
     let body = r#"[{"op":"add","path":"/k","value":"v"},{"op":"add","path":"/admin_password","value":"hunter2"}]"#;
-    let (mut client, mut conn, _) = forwarded(&shim, &up, &patch(body)).await;
+    let (mut client, mut conn, at_glance) = forwarded(&shim, &up, &patch(body)).await;
     conn.read_exact(body.len()).await;
     let answer = r#"{"id":"abc","name":"cirros","token":"t0ken"}"#;
     conn.send(&glance_answer(answer)).await;
@@ -165,6 +165,35 @@ async fn a_request_whole_with_its_secrets_masked_and_glances_id() {
         serial
     );
     let headers = d["request"]["headers"].as_array().unwrap();
+    // Exactly the fields glance got, in order, the token masked.
+    let shown: Vec<(String, String)> = headers
+        .iter()
+        .map(|h| {
+            (
+                h[0].as_str().unwrap().to_owned(),
+                h[1].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let got: Vec<(String, String)> = at_glance
+        .fields
+        .iter()
+        .map(|(k, v)| {
+            let k = k.to_ascii_lowercase();
+            let v = if k == "x-auth-token" {
+                "<masked>".to_owned()
+            } else {
+                v.clone()
+            };
+            (k, v)
+        })
+        .collect();
+    assert_eq!(shown, got);
+    assert!(
+        shown
+            .iter()
+            .any(|(k, v)| k == "via" && v == "1.1 glance-shim")
+    );
     let token = headers.iter().find(|h| h[0] == "x-auth-token").unwrap();
     assert_eq!(token[1], "<masked>");
     assert!(
@@ -656,4 +685,33 @@ async fn the_shims_own_answer_is_kept_once_as_it_was_sent() {
             .iter()
             .any(|h| h[0] == "content-type" && h[1] == "application/json")
     );
+}
+
+#[tokio::test]
+async fn a_refused_request_is_shown_with_its_fields_as_they_came() {
+    let echo = Echo::start().await;
+    let shim = Shim::start(&echo.port(), &[]).await;
+    let (head, _) = roundtrip(
+        shim.addr,
+        "GET /v2/images HTTP/1.1\r\nHost: h\r\nVia: 1.1 glance-shim\r\nX-Auth-Token: secret-t\r\n\r\n",
+    )
+    .await;
+    assert_eq!(head.status(), 508, "a loop");
+    shim.wait_for("the completion line", completion).await;
+    let d = shim.api("/api/requests/0").await;
+    assert_eq!(d["outcome"], "refused");
+    let fields: Vec<(&str, &str)> = d["request"]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h[0].as_str().unwrap(), h[1].as_str().unwrap()))
+        .collect();
+    assert!(fields.contains(&("via", "1.1 glance-shim")));
+    assert!(fields.contains(&("x-auth-token", "<masked>")));
+    assert!(
+        !fields.iter().any(|(k, _)| *k == "x-forwarded-for"),
+        "never forwarded: {fields:?}"
+    );
+    assert_eq!(d["response"]["body"]["json"]["code"], 508);
+    assert_eq!(echo.requests().len(), 0);
 }

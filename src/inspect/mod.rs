@@ -99,6 +99,8 @@ pub struct Inspector {
     registry: Arc<Registry>,
     shim: ShimInfo,
     stall_after: Option<Duration>,
+    /// How clients reach the shim, for the fields glance got.
+    proto: &'static str,
     /// Host names (without port) that requests may carry, besides the address a connection came in
     /// on.
     hosts: [&'static str; 3],
@@ -130,10 +132,19 @@ impl Inspector {
                 memory_max: inspect.memory,
             },
             stall_after: config.stall_after,
+            proto: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             hosts: ["localhost", "127.0.0.1", "[::1]"],
             csp: HeaderValue::from_str(&content_security_policy(PAGE))
                 .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'")),
         }
+    }
+
+    fn context(&self) -> view::Context {
+        view::Context::now(self.stall_after, self.proto)
     }
 
     /// Serves the inspector on `listener` for as long as the shim runs.
@@ -230,10 +241,7 @@ impl Inspector {
             }
             _ => match path.strip_prefix("/api/requests/") {
                 Some(key) => match self.find(key) {
-                    Some(e) => json(
-                        StatusCode::OK,
-                        &view::detail(&e, &view::Context::now(self.stall_after)),
-                    ),
+                    Some(e) => json(StatusCode::OK, &view::detail(&e, &self.context())),
                     None => error(
                         StatusCode::NOT_FOUND,
                         &format!(
@@ -288,7 +296,7 @@ impl Inspector {
     fn list(&self) -> List<'_, impl Serialize> {
         // The number first: whatever changes after it comes through the event stream opened with it.
         let seq = self.registry.events().last();
-        let cx = view::Context::now(self.stall_after);
+        let cx = self.context();
         let in_flight = self.registry.snapshot();
         let mut recent = self
             .registry

@@ -69,7 +69,7 @@ async fn feed(
         // changes come as events.
         all.retain(|e| e.version() > since && e.version() <= seq);
         all.sort_by_key(|e| e.version());
-        let cx = view::Context::now(inspector.stall_after);
+        let cx = inspector.context();
         for e in all {
             let mut text = String::new();
             message(
@@ -106,7 +106,7 @@ async fn feed(
                 if open.is_empty() {
                     continue;
                 }
-                let cx = view::Context::now(inspector.stall_after);
+                let cx = inspector.context();
                 let mut text = String::new();
                 message(&mut text, "inflight", None, &InFlight {
                     now: view::rfc3339(std::time::SystemTime::now()),
@@ -149,7 +149,7 @@ fn render(inspector: &Inspector, event: &Event) -> String {
             },
         ),
         (kind, Some(e)) => {
-            let cx = view::Context::now(inspector.stall_after);
+            let cx = inspector.context();
             message(
                 &mut text,
                 kind.as_str(),

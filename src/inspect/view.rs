@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::exchange::{Continue, Exchange, Mark, Phase, Waiting, millis};
+use crate::exchange::{Continue, Exchange, Mark, Outcome, Phase, Waiting, millis};
 use crate::headers::{MASKED, is_secret_name};
 use crate::kept::{Head, KeptBody};
 
@@ -23,13 +23,16 @@ pub struct Context {
     pub now: Instant,
     /// `--stall-after`: a request waiting on glance this long is shown as probably paused.
     pub stall_after: Option<Duration>,
+    /// How clients reach the shim (`X-Forwarded-Proto`), to show the fields glance got.
+    pub proto: &'static str,
 }
 
 impl Context {
-    pub fn now(stall_after: Option<Duration>) -> Context {
+    pub fn now(stall_after: Option<Duration>, proto: &'static str) -> Context {
         Context {
             now: Instant::now(),
             stall_after,
+            proto,
         }
     }
 }
@@ -124,7 +127,7 @@ pub fn summary<'a>(e: &'a Exchange, cx: &Context) -> Summary<'a> {
         },
         outcome: outcome.map(|o| o.as_str()),
         ended_in: outcome
-            .filter(|o| *o != crate::exchange::Outcome::Completed)
+            .filter(|o| *o != Outcome::Completed)
             .map(|_| e.ended_in().as_str()),
         error: e.error(),
         expect_100: e.expect().map(Continue::as_str),
@@ -147,8 +150,9 @@ pub struct Detail<'a> {
 /// A head and its body.
 #[derive(Debug, Serialize)]
 pub struct Message<'a> {
-    /// `[name, value]` pairs in order; secret values masked.
-    pub headers: Vec<(&'a str, Cow<'a, str>)>,
+    /// `[name, value]` pairs in order; secret values masked. For a request, the fields glance got
+    /// (or, for one the shim refused, the fields as they came).
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     pub body: BodyView,
 }
 
@@ -171,7 +175,12 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
     let summary = summary(e, cx);
     let in_flight = summary.in_flight;
     let request = Message {
-        headers: e.copies.request_head.get().map(fields).unwrap_or_default(),
+        headers: e
+            .copies
+            .request_head
+            .get()
+            .map(|head| sent_fields(e, head, cx))
+            .unwrap_or_default(),
         body: body_view(
             e.bytes_in(),
             e.copies.request_head.get(),
@@ -195,17 +204,38 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
     }
 }
 
-fn fields(head: &Head) -> Vec<(&str, Cow<'_, str>)> {
+fn fields(head: &Head) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
     head.fields()
+        .map(|(name, value)| (Cow::Borrowed(name), shown(name, value)))
+        .collect()
+}
+
+/// The fields glance got, made from the copy of those that arrived the way the proxy made them.
+fn sent_fields<'a>(
+    e: &Exchange,
+    head: &'a Head,
+    cx: &Context,
+) -> Vec<(Cow<'a, str>, Cow<'a, str>)> {
+    if e.outcome() == Some(Outcome::Refused) {
+        return fields(head); // never forwarded
+    }
+    let mut map = head.to_map();
+    crate::headers::for_upstream(&mut map, &e.client.ip, cx.proto);
+    map.iter()
         .map(|(name, value)| {
-            let value = if is_secret_name(name) {
-                Cow::Borrowed(MASKED)
-            } else {
-                Cow::Owned(crate::correlation::printable(value))
-            };
-            (name, value)
+            let value = shown(name.as_str(), value.as_bytes()).into_owned();
+            (Cow::Owned(name.as_str().to_owned()), Cow::Owned(value))
         })
         .collect()
+}
+
+/// A field's value as served: masked when it is a secret.
+fn shown<'a>(name: &str, value: &'a [u8]) -> Cow<'a, str> {
+    if is_secret_name(name) {
+        Cow::Borrowed(MASKED)
+    } else {
+        Cow::Owned(crate::correlation::printable(value))
+    }
 }
 
 fn body_view(size: u64, head: Option<&Head>, kept: Option<&KeptBody>, in_flight: bool) -> BodyView {
