@@ -656,6 +656,9 @@ impl Drop for ExchangeGuard {
         e.mark(Mark::Done);
         e.end(Outcome::ClientGone, None);
         e.set_phase(Phase::Done);
+        // Nothing waits on a finished request: let go of the connection task's waker now, while it
+        // is hot, rather than when the kept record is dropped long after.
+        drop(e.cut_off.take());
         let outcome = e.outcome().unwrap_or(Outcome::ClientGone);
         e.log_completion(outcome);
         self.registry.finish(e);
