@@ -159,17 +159,10 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderMap, Method};
+    use http::Method;
 
     fn exchange(serial: u64) -> Arc<Exchange> {
-        let mut headers = HeaderMap::new();
-        Arc::new(Exchange::new(
-            serial,
-            crate::correlation::assign(&mut headers),
-            Method::GET,
-            "/".into(),
-            crate::exchange::Client::new("127.0.0.1:5000".parse().unwrap()),
-        ))
+        Arc::new(crate::exchange::for_test(serial, Method::GET, "/"))
     }
 
     #[test]

@@ -665,6 +665,19 @@ impl Drop for ExchangeGuard {
     }
 }
 
+/// A record for unit tests: `method target` from 127.0.0.1:5000, with an id of the shim's.
+#[cfg(test)]
+pub(crate) fn for_test(serial: u64, method: Method, target: &str) -> Exchange {
+    let mut headers = http::HeaderMap::new();
+    Exchange::new(
+        serial,
+        crate::correlation::assign(&mut headers),
+        method,
+        target.into(),
+        Client::new("127.0.0.1:5000".parse().unwrap()),
+    )
+}
+
 /// Milliseconds with a tenth, as a log field.
 pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 10_000.0).round() / 10.0
@@ -680,14 +693,7 @@ mod tests {
     use super::*;
 
     fn exchange() -> Exchange {
-        let mut headers = http::HeaderMap::new();
-        Exchange::new(
-            7,
-            crate::correlation::assign(&mut headers),
-            Method::PUT,
-            "/v2/images/x/file".into(),
-            Client::new("127.0.0.1:5000".parse().unwrap()),
-        )
+        for_test(7, Method::PUT, "/v2/images/x/file")
     }
 
     #[test]

@@ -122,11 +122,7 @@ impl Registry {
         if let Some(e) = self.lock().get(&serial) {
             return Some(e.clone());
         }
-        self.keeper
-            .as_ref()?
-            .snapshot()
-            .into_iter()
-            .find(|e| e.serial == serial)
+        self.keeper.as_ref()?.find(serial)
     }
 
     pub fn len(&self) -> usize {
@@ -237,18 +233,11 @@ pub async fn watchdog(registry: Arc<Registry>, rules: Rules) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exchange::{Client, Phase};
+    use crate::exchange::Phase;
     use crate::keepalive::Clock;
 
     fn open(r: &Arc<Registry>, clock: &Arc<Clock>) -> ExchangeGuard {
-        let mut headers = http::HeaderMap::new();
-        let exchange = Exchange::new(
-            r.next_serial(),
-            crate::correlation::assign(&mut headers),
-            http::Method::GET,
-            "/v2/images".into(),
-            Client::new("127.0.0.1:5000".parse().unwrap()),
-        );
+        let exchange = crate::exchange::for_test(r.next_serial(), http::Method::GET, "/v2/images");
         r.open(exchange, clock.serve())
     }
 

@@ -215,6 +215,11 @@ impl Keeper {
             .flatten()
     }
 
+    /// The finished request with this serial number, if it is kept.
+    pub fn find(&self, serial: u64) -> Option<Arc<Exchange>> {
+        self.finished().iter().find(|e| e.serial == serial).cloned()
+    }
+
     /// The finished requests, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<Exchange>> {
         self.finished().iter().cloned().collect()
@@ -288,14 +293,7 @@ mod tests {
     use http::{HeaderValue, Method};
 
     fn exchange(serial: u64) -> Arc<Exchange> {
-        let mut headers = HeaderMap::new();
-        Arc::new(Exchange::new(
-            serial,
-            crate::correlation::assign(&mut headers),
-            Method::GET,
-            "/v2/images".into(),
-            crate::exchange::Client::new("127.0.0.1:5000".parse().unwrap()),
-        ))
+        Arc::new(crate::exchange::for_test(serial, Method::GET, "/v2/images"))
     }
 
     fn never_evicted(_: &Exchange) {

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, Scheme};
+use crate::config::{Config, HostPort, Scheme};
 use crate::error::StartError;
 use crate::exchange::Client;
 use crate::inflight::{self, Registry, Rules};
@@ -51,19 +51,23 @@ const CUT_OFF_GRACE: Duration = Duration::from_millis(500);
 
 /// Binds `config.listen` (backlog 1024, so a burst of connections is queued rather than refused).
 pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
-    let addrs = config.listen.resolve()?;
+    bind(&config.listen, 1024)
+}
+
+/// Binds the first address `addr` resolves to that can be bound, with this backlog.
+pub fn bind(addr: &HostPort, backlog: u32) -> io::Result<TcpListener> {
     let mut last = io::Error::new(
         io::ErrorKind::AddrNotAvailable,
         "the address resolved to nothing",
     );
-    for addr in addrs {
+    for addr in addr.resolve()? {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
-        match socket.bind(addr).and_then(|()| socket.listen(1024)) {
+        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
             Ok(listener) => return Ok(listener),
             Err(e) => last = e,
         }
@@ -152,7 +156,7 @@ impl Server {
             inspector = inspector_url.as_deref(),
             "listening"
         );
-        if let Some((addr, inspect_listener)) = inspector {
+        if let (Some((addr, inspect_listener)), Some(inspect)) = (inspector, &config.inspect) {
             if !addr.ip().is_loopback() {
                 warn!(
                     inspect = %addr,
@@ -161,7 +165,8 @@ impl Server {
                 );
             }
             let listen = listener.local_addr().unwrap_or(addr);
-            let inspector = crate::inspect::Inspector::new(&config, listen, proxy.registry.clone());
+            let inspector =
+                crate::inspect::Inspector::new(&config, inspect, listen, proxy.registry.clone());
             tokio::spawn(Arc::new(inspector).serve(inspect_listener));
         }
         if config.upstream_insecure {

@@ -49,8 +49,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// Binds the inspector's address. The default address only earns a warning when it is taken (the
 /// shim proxies without its inspector); an address the user gave is a start-up error.
 pub fn bind(inspect: &Inspect) -> Result<Option<TcpListener>, StartError> {
-    let bound = inspect.addr.resolve().and_then(|addrs| first_bound(&addrs));
-    match bound {
+    match crate::server::bind(&inspect.addr, 64) {
         Ok(listener) => Ok(Some(listener)),
         Err(error) if !inspect.explicit => {
             warn!(
@@ -67,26 +66,6 @@ pub fn bind(inspect: &Inspect) -> Result<Option<TcpListener>, StartError> {
             error,
         }),
     }
-}
-
-fn first_bound(addrs: &[SocketAddr]) -> std::io::Result<TcpListener> {
-    let mut last = std::io::Error::new(
-        std::io::ErrorKind::AddrNotAvailable,
-        "the address resolved to nothing",
-    );
-    for addr in addrs {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        match socket.bind(*addr).and_then(|()| socket.listen(64)) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
 }
 
 /// The inspector's URL for a listener bound at `addr`.
@@ -119,8 +98,12 @@ struct ShimInfo {
 }
 
 impl Inspector {
-    pub fn new(config: &Config, listen: SocketAddr, registry: Arc<Registry>) -> Inspector {
-        let inspect = config.inspect.clone().unwrap_or_else(Inspect::default_on);
+    pub fn new(
+        config: &Config,
+        inspect: &Inspect,
+        listen: SocketAddr,
+        registry: Arc<Registry>,
+    ) -> Inspector {
         Inspector {
             registry,
             shim: ShimInfo {
