@@ -55,15 +55,11 @@ impl RequestBody {
         gate: Option<ContinueGate>,
         registry: &Arc<Registry>,
     ) -> RequestBody {
-        let mut copy = None;
-        if let Some(copier) = registry.copier() {
-            if inner.is_end_stream() {
-                // No body: kept whole at once.
-                let _ = exchange.copies.request_body.set(copier.finish(true));
-            } else {
-                copy = Some((copier, registry.clone()));
-            }
-        }
+        // A request without a body has nothing to copy (its record knows it is empty).
+        let copy = match inner.is_end_stream() {
+            true => None,
+            false => registry.copier().map(|copier| (copier, registry.clone())),
+        };
         RequestBody {
             inner,
             exchange,
@@ -76,7 +72,7 @@ impl RequestBody {
     /// The body has ended (`ended`: cleanly): what was copied of it goes into the record.
     fn keep_copy(&mut self, ended: bool) {
         if let Some((copier, _)) = self.copy.take() {
-            let _ = self.exchange.copies.request_body.set(copier.finish(ended));
+            self.exchange.copies.keep_request_body(copier.finish(ended));
         }
     }
 }

@@ -258,6 +258,7 @@ impl Exchange {
         method: Method,
         target: String,
         client: Arc<Client>,
+        copies: Copies,
     ) -> Exchange {
         Exchange {
             serial,
@@ -284,7 +285,7 @@ impl Exchange {
             error: OnceLock::new(),
             cut_off: AtomicWaker::new(),
             version: AtomicU64::new(0),
-            copies: Copies::default(),
+            copies,
         }
     }
 
@@ -675,6 +676,7 @@ pub(crate) fn for_test(serial: u64, method: Method, target: &str) -> Exchange {
         method,
         target.into(),
         Client::new("127.0.0.1:5000".parse().unwrap()),
+        Copies::default(),
     )
 }
 

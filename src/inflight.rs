@@ -18,7 +18,7 @@ use http::HeaderMap;
 use crate::events::{Events, Kind};
 use crate::exchange::{Exchange, ExchangeGuard, Outcome, Waiting};
 use crate::keepalive::Serving;
-use crate::kept::{Copier, Head, Keeper};
+use crate::kept::{Copier, Copies, Head, Keeper};
 
 /// Every request in flight, by serial number: oldest first; and, with the inspector on, the finished
 /// ones it keeps.
@@ -91,10 +91,12 @@ impl Registry {
         }
     }
 
-    /// Keeps a copy of the request head as it arrived (with the request id glance gets).
-    pub fn arrived_head(&self, exchange: &Exchange, headers: &HeaderMap) {
-        if let Some(head) = self.copy_head(headers) {
-            let _ = exchange.copies.request_head.set(head);
+    /// The copies for a request that just arrived: its head as it arrived (with the request id
+    /// glance gets), with the inspector on; `bodiless` when it has no body.
+    pub fn copies(&self, headers: &HeaderMap, bodiless: bool) -> Copies {
+        match self.keeper {
+            Some(_) => Copies::new(self.copy_head(headers), bodiless),
+            None => Copies::default(),
         }
     }
 

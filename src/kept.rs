@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::HeaderMap;
 
@@ -80,7 +80,7 @@ impl Drop for Charge {
 /// A copy of a message head's fields.
 #[derive(Debug)]
 pub struct Head {
-    lines: Vec<u8>,
+    lines: Box<[u8]>,
     _charge: Charge,
 }
 
@@ -175,20 +175,23 @@ impl Keeper {
 
     /// A copy of `headers`, or `None` when there is no room for it.
     pub fn head(&self, headers: &HeaderMap, evicted: &mut dyn FnMut(&Exchange)) -> Option<Head> {
-        // Exactly the room it needs: a record is kept long after its request, and the memory it
-        // holds, not the pass that sizes it, is what costs (measured in bench/README.md).
-        let len = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 2)
-            .sum();
-        let mut lines = Vec::with_capacity(len);
-        for (name, value) in headers {
-            lines.extend_from_slice(name.as_str().as_bytes());
-            lines.push(b':');
-            lines.extend_from_slice(value.as_bytes());
-            lines.push(b'\n');
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let charge = self.charge(lines.capacity(), evicted)?;
+        // One pass over the map into a buffer that stays warm, then one allocation of exactly the
+        // size: a record is kept long after its request, so the room it holds is what costs, and a
+        // second pass to size it first cost more than this copy (measured in bench/README.md).
+        let lines: Box<[u8]> = SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            for (name, value) in headers {
+                scratch.extend_from_slice(name.as_str().as_bytes());
+                scratch.push(b':');
+                scratch.extend_from_slice(value.as_bytes());
+                scratch.push(b'\n');
+            }
+            scratch.as_slice().into()
+        });
+        let charge = self.charge(lines.len(), evicted)?;
         Some(Head {
             lines,
             _charge: charge,
@@ -276,15 +279,52 @@ impl Copier {
     }
 }
 
-/// The copies one request's record holds; each is set once, when its part has passed.
+/// The copies one request's record holds. The request head is copied before the record is made;
+/// the others are set once each, when their part has passed.
 #[derive(Debug, Default)]
 pub struct Copies {
     /// The request head as it arrived (with the request id glance gets).
-    pub request_head: std::sync::OnceLock<Head>,
+    pub request_head: Option<Head>,
+    /// The request came without a body: kept whole from the start, with nothing to set.
+    bodiless: bool,
+    request_body: OnceLock<KeptBody>,
     /// The response head as sent to the client (glance's, or the shim's own answer's).
-    pub response_head: std::sync::OnceLock<Head>,
-    pub request_body: std::sync::OnceLock<KeptBody>,
-    pub response_body: std::sync::OnceLock<KeptBody>,
+    pub response_head: OnceLock<Head>,
+    pub response_body: OnceLock<KeptBody>,
+}
+
+/// The copy of a body that has no bytes.
+static EMPTY: KeptBody = KeptBody {
+    bytes: Vec::new(),
+    complete: true,
+    short: None,
+    _charge: None,
+};
+
+impl Copies {
+    /// The copies of a request whose head was copied as `request_head` (`None` with the inspector
+    /// off, or when there was no room); `bodiless` when it has no body.
+    pub fn new(request_head: Option<Head>, bodiless: bool) -> Copies {
+        Copies {
+            request_head,
+            bodiless,
+            ..Copies::default()
+        }
+    }
+
+    /// What was kept of the request body, once it has ended.
+    pub fn request_body(&self) -> Option<&KeptBody> {
+        if self.bodiless {
+            Some(&EMPTY)
+        } else {
+            self.request_body.get()
+        }
+    }
+
+    /// Keeps what was copied of the request body (the first call wins).
+    pub fn keep_request_body(&self, body: KeptBody) {
+        let _ = self.request_body.set(body);
+    }
 }
 
 #[cfg(test)]
@@ -364,7 +404,7 @@ mod tests {
         let old = exchange(1);
         let mut c = keeper.copier();
         c.take(&[0; 600], |n| keeper.charge(n, &mut never_evicted));
-        let _ = old.copies.request_body.set(c.finish(true));
+        old.copies.keep_request_body(c.finish(true));
         assert!(keeper.finish(old).is_none());
         assert!(keeper.finish(exchange(2)).is_none());
 

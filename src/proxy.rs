@@ -81,12 +81,15 @@ impl Proxy {
                 .map_or("/", PathAndQuery::as_str)
                 .to_owned(),
         };
+        // As it arrived: a refused request is shown too, and what glance got is derived from it.
+        let copies = self.registry.copies(&parts.headers, body.is_end_stream());
         let exchange = Exchange::new(
             self.registry.next_serial(),
             assigned,
             parts.method.clone(),
             target,
             client.clone(),
+            copies,
         );
         let guard = self.registry.open(exchange, serving);
         let exchange = guard.exchange().clone();
@@ -94,8 +97,6 @@ impl Proxy {
             exchange.request_body_done();
         }
         exchange.log_arrival(self.log_headers.then(|| headers::for_log(&parts.headers)));
-        // As it arrived: a refused request is shown too, and what glance got is derived from it.
-        self.registry.arrived_head(&exchange, &parts.headers);
 
         if let Err(err) = self.prepare(&mut parts, &client) {
             return self.answer(err, guard);

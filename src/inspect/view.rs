@@ -101,7 +101,7 @@ pub fn summary<'a>(e: &'a Exchange, cx: &Context) -> Summary<'a> {
         host: e
             .copies
             .request_head
-            .get()
+            .as_ref()
             .and_then(|h| h.get("host"))
             .map(String::from_utf8_lossy),
         arrived_at: rfc3339(e.arrived_at),
@@ -178,13 +178,13 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
         headers: e
             .copies
             .request_head
-            .get()
+            .as_ref()
             .map(|head| sent_fields(e, head, cx))
             .unwrap_or_default(),
         body: body_view(
             e.bytes_in(),
-            e.copies.request_head.get(),
-            e.copies.request_body.get(),
+            e.copies.request_head.as_ref(),
+            e.copies.request_body(),
             in_flight,
         ),
     };
