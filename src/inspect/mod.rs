@@ -13,6 +13,7 @@
 //! - `view`: records as JSON. `stream`: the event stream. `page.html`: the page, one document with
 //!   its CSS and plain JavaScript, embedded at build time.
 
+pub mod har;
 mod stream;
 pub mod view;
 
@@ -216,6 +217,22 @@ impl Inspector {
                 let inspector = self.clone();
                 off_thread(move || serde_json::to_vec(&inspector.list())).await
             }
+            "/api/har" => {
+                let filter =
+                    har::Filter::parse(&param_decoded(query, "filter").unwrap_or_default());
+                let inspector = self.clone();
+                let mut res = off_thread(move || serde_json::to_vec(&inspector.har(&filter))).await;
+                if res.status() == StatusCode::OK {
+                    let name = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        .to_string()
+                        .replace([':', '-'], "");
+                    let disposition = format!("attachment; filename=\"glance-shim-{name}.har\"");
+                    if let Ok(v) = HeaderValue::from_str(&disposition) {
+                        res.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+                    }
+                }
+                res
+            }
             "/api/events" => {
                 let since = req
                     .headers()
@@ -303,6 +320,25 @@ impl Inspector {
         }
     }
 
+    /// The requests in flight and kept that `filter` matches, oldest first, as HAR.
+    fn har(&self, filter: &har::Filter) -> har::Har {
+        let cx = self.context();
+        let mut all = self
+            .registry
+            .keeper()
+            .map(|k| k.snapshot())
+            .unwrap_or_default();
+        all.extend(self.registry.snapshot());
+        all.retain(|e| filter.matches(&view::summary(e, &cx)));
+        let comment = format!(
+            "glance-shim {} in front of {}: {} requests",
+            self.shim.listen,
+            self.shim.upstream,
+            all.len()
+        );
+        har::archive(&all, &cx, Some(comment))
+    }
+
     /// A request by serial number, or the newest with this request id.
     fn find(&self, key: &str) -> Option<Arc<Exchange>> {
         if let Ok(serial) = key.parse::<u64>() {
@@ -359,6 +395,13 @@ fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// The value of `name` in a query string, decoded (`+` is a space, `%XX` a byte).
+fn param_decoded(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// The policy for `page`: nothing but its one inline script and style (by hash) and requests to its

@@ -204,14 +204,14 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
     }
 }
 
-fn fields(head: &Head) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+pub(super) fn fields(head: &Head) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
     head.fields()
         .map(|(name, value)| (Cow::Borrowed(name), shown(name, value)))
         .collect()
 }
 
 /// The fields glance got, made from the copy of those that arrived the way the proxy made them.
-fn sent_fields<'a>(
+pub(super) fn sent_fields<'a>(
     e: &Exchange,
     head: &'a Head,
     cx: &Context,
@@ -279,7 +279,7 @@ fn body_view(size: u64, head: Option<&Head>, kept: Option<&KeptBody>, in_flight:
 }
 
 /// True for a JSON field name whose value is a secret.
-fn secret_field(name: &str) -> bool {
+pub(super) fn secret_field(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     ["password", "token", "secret", "credential"]
         .iter()

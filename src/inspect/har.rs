@@ -1,0 +1,579 @@
+//! Records as HAR 1.2 (<http://www.softwareishard.com/blog/har-12-spec/>), the archive format browsers'
+//! developer tools, mitmproxy and HTTP Toolkit read and write.
+//!
+//! Each entry is read from the request's [`Exchange`] when the archive is made, like the inspector's
+//! views, and masked the same way: header values as in the log, JSON fields that name a secret. What
+//! HAR has no field for travels in `_` fields: the id glance logs (`_request_id`), glance's own
+//! (`_upstream_request_id`), the shim's `_outcome`, and `_truncated` on a body kept only in part.
+//!
+//! A body is never dropped silently:
+//! - its `size` is the real one, whatever was kept;
+//! - a JSON body kept whole is carried masked;
+//! - any other kept bytes are carried as they are (base64 when they are not UTF-8), unless they
+//!   contain a word that names a secret, which could not be masked in them: then they are left out
+//!   and a `comment` says so;
+//! - a body kept only in part carries its kept start, `_truncated: true` and a `comment`.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::view::{self, Context, Summary};
+use crate::exchange::{Exchange, Mark};
+use crate::headers::MASKED;
+use crate::kept::{Head, KeptBody};
+
+/// A whole archive.
+#[derive(Debug, Serialize)]
+pub struct Har {
+    pub log: Log,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Log {
+    pub version: &'static str,
+    pub creator: Creator,
+    pub entries: Vec<Entry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Creator {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    pub started_date_time: String,
+    /// Milliseconds from arrival to the end (or to now, for a request still in flight): the sum of
+    /// the timings.
+    pub time: f64,
+    pub request: Request,
+    pub response: Response,
+    pub cache: Empty,
+    pub timings: Timings,
+    #[serde(rename = "_serial")]
+    pub serial: u64,
+    /// The id glance logs for the request.
+    #[serde(rename = "_request_id")]
+    pub request_id: String,
+    /// Where that id came from: `client` or `shim`.
+    #[serde(rename = "_request_id_from")]
+    pub request_id_from: &'static str,
+    /// The `x-openstack-request-id` glance answered with.
+    #[serde(rename = "_upstream_request_id")]
+    pub upstream_request_id: Option<String>,
+    /// How it ended (the log's `outcome`); `null` while it is in flight.
+    #[serde(rename = "_outcome")]
+    pub outcome: Option<&'static str>,
+    #[serde(rename = "_in_flight")]
+    pub in_flight: bool,
+    #[serde(rename = "_client")]
+    pub client: String,
+    #[serde(rename = "_error", skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Empty {}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Request {
+    pub method: String,
+    pub url: String,
+    pub http_version: &'static str,
+    pub cookies: [(); 0],
+    pub headers: Vec<Pair>,
+    pub query_string: Vec<Pair>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub post_data: Option<PostData>,
+    pub headers_size: i64,
+    pub body_size: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    /// 0 when the client got no response.
+    pub status: u16,
+    pub status_text: String,
+    pub http_version: &'static str,
+    pub cookies: [(); 0],
+    pub headers: Vec<Pair>,
+    pub content: Content,
+    #[serde(rename = "redirectURL")]
+    pub redirect_url: String,
+    pub headers_size: i64,
+    pub body_size: i64,
+    /// Why there is no response (with `status` 0), as mitmproxy writes it.
+    #[serde(rename = "_error", skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Pair {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostData {
+    pub mime_type: String,
+    pub text: String,
+    /// `base64` when `text` holds bytes that are not UTF-8 (HAR's `postData` has no `encoding`).
+    #[serde(rename = "_encoding", skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<&'static str>,
+    #[serde(flatten)]
+    pub kept: Kept,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Content {
+    pub size: i64,
+    pub mime_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<&'static str>,
+    #[serde(flatten)]
+    pub kept: Kept,
+}
+
+/// What a body carries of what was kept.
+#[derive(Debug, Default, Serialize)]
+pub struct Kept {
+    /// Only the start of the body is carried (or none of it).
+    #[serde(rename = "_truncated", skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Bytes of the body the shim kept.
+    #[serde(rename = "_kept")]
+    pub kept: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// Milliseconds. `send`: arrival until the request was handed to glance and its body received;
+/// `wait`: from then until glance's response head (the time glance took, a breakpoint included);
+/// `receive`: from then until the end. What HAR's other timings measure is not known per request.
+#[derive(Debug, Serialize)]
+pub struct Timings {
+    pub blocked: f64,
+    pub dns: f64,
+    pub connect: f64,
+    pub ssl: f64,
+    pub send: f64,
+    pub wait: f64,
+    pub receive: f64,
+}
+
+/// An archive of `records` (oldest first, as HAR lists them).
+pub fn archive(records: &[std::sync::Arc<Exchange>], cx: &Context, comment: Option<String>) -> Har {
+    Har {
+        log: Log {
+            version: "1.2",
+            creator: Creator {
+                name: "glance-shim",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            entries: records.iter().map(|e| entry(e, cx)).collect(),
+            comment,
+        },
+    }
+}
+
+/// One request as a HAR entry.
+pub fn entry(e: &Exchange, cx: &Context) -> Entry {
+    let summary = view::summary(e, cx);
+    let end = e
+        .at(Mark::Done)
+        .unwrap_or_else(|| cx.now.saturating_duration_since(e.arrived));
+    let timings = timings(e, end);
+    let request_head = e.copies.request_head.as_ref();
+    let response_head = e.copies.response_head.get();
+    let request = request(e, &summary, request_head, cx);
+    let response = match response_head {
+        Some(head) => Response {
+            status: summary.status.unwrap_or(0),
+            status_text: http::StatusCode::from_u16(summary.status.unwrap_or(0))
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .to_owned(),
+            http_version: "HTTP/1.1",
+            cookies: [],
+            headers: pairs(view::fields(head)),
+            redirect_url: head
+                .get("location")
+                .map(crate::correlation::printable)
+                .unwrap_or_default(),
+            content: {
+                let b = body(
+                    Some(head),
+                    e.copies.response_body.get(),
+                    e.bytes_out(),
+                    summary.in_flight,
+                );
+                Content {
+                    size: i64::try_from(e.bytes_out()).unwrap_or(i64::MAX),
+                    mime_type: b.mime_type,
+                    text: b.text,
+                    encoding: b.encoding,
+                    kept: b.kept,
+                }
+            },
+            headers_size: -1,
+            body_size: i64::try_from(e.bytes_out()).unwrap_or(i64::MAX),
+            error: None,
+        },
+        None => Response {
+            status: 0,
+            status_text: String::new(),
+            http_version: "HTTP/1.1",
+            cookies: [],
+            headers: Vec::new(),
+            content: Content {
+                size: 0,
+                mime_type: "x-unknown".to_owned(),
+                text: None,
+                encoding: None,
+                kept: Kept::default(),
+            },
+            redirect_url: String::new(),
+            headers_size: -1,
+            body_size: -1,
+            error: Some(match (summary.in_flight, summary.error) {
+                (true, _) => format!("no response yet: still in flight ({})", summary.phase),
+                (false, Some(error)) => error.to_owned(),
+                (false, None) => format!(
+                    "no response: {}",
+                    summary.outcome.unwrap_or("it ended without one")
+                ),
+            }),
+        },
+    };
+    Entry {
+        started_date_time: summary.arrived_at.clone(),
+        time: ms(end),
+        request,
+        response,
+        cache: Empty {},
+        timings,
+        serial: e.serial,
+        request_id: e.id.clone(),
+        request_id_from: e.id_from.as_str(),
+        upstream_request_id: e.upstream_id().map(str::to_owned),
+        outcome: summary.outcome,
+        in_flight: summary.in_flight,
+        client: e.client.text.to_string(),
+        error: e.error().map(str::to_owned),
+    }
+}
+
+fn request(e: &Exchange, summary: &Summary<'_>, head: Option<&Head>, cx: &Context) -> Request {
+    let host = summary.host.as_deref().unwrap_or("localhost");
+    let target = masked_target(&e.target);
+    let url = if target.starts_with('/') {
+        format!("{}://{host}{target}", cx.proto)
+    } else {
+        target.clone().into_owned()
+    };
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let query_string = form_urlencoded::parse(query.as_bytes())
+        .map(|(name, value)| Pair {
+            name: name.into_owned(),
+            value: value.into_owned(),
+        })
+        .collect();
+    let post_data = (e.bytes_in() > 0 || head.is_some_and(|h| h.get("content-length").is_some()))
+        .then(|| {
+            let b = body(
+                head,
+                e.copies.request_body(),
+                e.bytes_in(),
+                summary.in_flight,
+            );
+            PostData {
+                mime_type: b.mime_type,
+                text: b.text.unwrap_or_default(),
+                encoding: b.encoding,
+                kept: b.kept,
+            }
+        });
+    Request {
+        method: e.method.as_str().to_owned(),
+        url,
+        http_version: "HTTP/1.1",
+        cookies: [],
+        headers: head
+            .map(|h| pairs(view::sent_fields(e, h, cx)))
+            .unwrap_or_default(),
+        query_string,
+        post_data,
+        headers_size: -1,
+        body_size: i64::try_from(e.bytes_in()).unwrap_or(i64::MAX),
+    }
+}
+
+fn pairs(fields: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Pair> {
+    fields
+        .into_iter()
+        .map(|(name, value)| Pair {
+            name: name.into_owned(),
+            value: value.into_owned(),
+        })
+        .collect()
+}
+
+/// The target with the value of every query parameter that names a secret masked.
+fn masked_target(target: &str) -> Cow<'_, str> {
+    let Some((path, query)) = target.split_once('?') else {
+        return Cow::Borrowed(target);
+    };
+    let secret = |kv: &str| {
+        let name = kv.split_once('=').map_or(kv, |(k, _)| k);
+        form_urlencoded::parse(name.as_bytes())
+            .next()
+            .is_some_and(|(n, _)| view::secret_field(&n))
+    };
+    if !query.split('&').any(secret) {
+        return Cow::Borrowed(target);
+    }
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if secret(kv) => format!("{k}=%3Cmasked%3E"),
+            _ => kv.to_owned(),
+        })
+        .collect();
+    Cow::Owned(format!("{path}?{}", masked.join("&")))
+}
+
+fn timings(e: &Exchange, end: Duration) -> Timings {
+    let body_done = e.at(Mark::RequestBodyDone).unwrap_or(end);
+    let send_end = e
+        .at(Mark::SentUpstream)
+        .map_or(end, |sent| sent.max(body_done))
+        .min(end);
+    let wait_end = e
+        .at(Mark::UpstreamHeaders)
+        .map_or(end, |headers| headers.max(send_end))
+        .min(end);
+    Timings {
+        blocked: -1.0,
+        dns: -1.0,
+        connect: -1.0,
+        ssl: -1.0,
+        send: ms(send_end),
+        wait: ms(wait_end) - ms(send_end),
+        receive: ms(end) - ms(wait_end),
+    }
+}
+
+/// Milliseconds, to the microsecond.
+fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+struct Body {
+    mime_type: String,
+    text: Option<String>,
+    encoding: Option<&'static str>,
+    kept: Kept,
+}
+
+/// What an archive carries of a body of `size` bytes of which `kept` was kept.
+fn body(head: Option<&Head>, kept: Option<&KeptBody>, size: u64, in_flight: bool) -> Body {
+    let mime_type = head
+        .and_then(|h| h.get("content-type"))
+        .map(|v| crate::correlation::printable(v).trim().to_owned())
+        .unwrap_or_else(|| "x-unknown".to_owned());
+    let mut out = Body {
+        mime_type,
+        text: None,
+        encoding: None,
+        kept: Kept::default(),
+    };
+    let Some(k) = kept else {
+        if size > 0 || in_flight {
+            out.kept.truncated = size > 0;
+            out.kept.comment = Some(match in_flight {
+                true => "still moving: what is kept of it is known when it ends".to_owned(),
+                false => "not kept: the inspector's memory (--inspect-memory) was full".to_owned(),
+            });
+        }
+        return out;
+    };
+    out.kept.kept = k.bytes.len();
+    if k.bytes.is_empty() && k.complete {
+        return out;
+    }
+    let mut notes = Vec::new();
+    if !k.complete {
+        out.kept.truncated = true;
+        notes.push(match k.short {
+            Some(why) => format!(
+                "only the first {} of {size} bytes were kept: {why}",
+                k.bytes.len()
+            ),
+            None => format!(
+                "only the first {} of {size} bytes were kept (--inspect-body)",
+                k.bytes.len()
+            ),
+        });
+    }
+    let is_json = out.mime_type.to_ascii_lowercase().contains("json");
+    let parsed = (k.complete && is_json)
+        .then(|| serde_json::from_slice::<Value>(&k.bytes).ok())
+        .flatten();
+    match parsed {
+        Some(mut json) => {
+            let before = json.clone();
+            view::mask_json(&mut json, false);
+            if json == before {
+                out.text = Some(String::from_utf8_lossy(&k.bytes).into_owned());
+            } else {
+                out.text = Some(json.to_string());
+                notes.push(format!(
+                    "secret values masked ({MASKED}); the body is re-serialised"
+                ));
+            }
+        }
+        None if names_a_secret(&k.bytes) => {
+            out.kept.truncated = true;
+            notes.push(format!(
+                "the {} kept bytes are left out: they name a password, token, secret or \
+                 credential that could not be masked in them",
+                k.bytes.len()
+            ));
+        }
+        None => match std::str::from_utf8(&k.bytes) {
+            Ok(text) => out.text = Some(text.to_owned()),
+            Err(_) => {
+                out.text = Some(base64::engine::general_purpose::STANDARD.encode(&k.bytes));
+                out.encoding = Some("base64");
+            }
+        },
+    }
+    if !notes.is_empty() {
+        out.kept.comment = Some(notes.join("; "));
+    }
+    out
+}
+
+/// True when `bytes` contain, in any case, a word that names a secret.
+fn names_a_secret(bytes: &[u8]) -> bool {
+    let lower = bytes.to_ascii_lowercase();
+    [&b"password"[..], b"token", b"secret", b"credential"]
+        .iter()
+        .any(|word| lower.windows(word.len()).any(|w| w == *word))
+}
+
+/// A filter as the page's filter box reads it: words separated by spaces, each of which must be
+/// found (ignoring case) in the method, target, status, id, glance's id or outcome; or, as
+/// `field:text`, in that field (`method`, `path`, `status`, `id`, `upstream_id`, `outcome`, `phase`,
+/// `serial`).
+#[derive(Debug, Default)]
+pub struct Filter(Vec<(Option<&'static str>, String)>);
+
+impl Filter {
+    pub fn parse(q: &str) -> Filter {
+        Filter(
+            q.to_lowercase()
+                .split_whitespace()
+                .map(|term| {
+                    let field = term.split_once(':').and_then(|(f, v)| {
+                        let field = match f {
+                            "method" => "method",
+                            "path" | "target" => "target",
+                            "status" => "status",
+                            "id" => "id",
+                            "upstream_id" | "upstream" => "upstream_id",
+                            "outcome" => "outcome",
+                            "phase" => "phase",
+                            "serial" => "serial",
+                            _ => return None,
+                        };
+                        Some((field, v))
+                    });
+                    match field {
+                        Some((f, v)) => (Some(f), v.to_owned()),
+                        None => (None, term.to_owned()),
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    pub fn matches(&self, s: &Summary<'_>) -> bool {
+        let field = |name: &str| -> String {
+            match name {
+                "method" => s.method.to_owned(),
+                "target" => s.target.to_owned(),
+                "status" => s.status.map(|v| v.to_string()).unwrap_or_default(),
+                "id" => s.id.to_owned(),
+                "upstream_id" => s.upstream_id.unwrap_or("").to_owned(),
+                "outcome" => s.outcome.unwrap_or("").to_owned(),
+                "phase" => s.phase.to_owned(),
+                _ => s.serial.to_string(),
+            }
+        };
+        self.0.iter().all(|(f, v)| {
+            let hay = match f {
+                Some(f) => field(f),
+                None => ["method", "target", "status", "id", "upstream_id", "outcome"]
+                    .map(field)
+                    .join(" "),
+            };
+            hay.to_lowercase().contains(v.as_str())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_word_is_found_in_any_case_anywhere() {
+        assert!(names_a_secret(b"{\"auth\": {\"PassWord\": \"x\""));
+        assert!(names_a_secret(b"x-auth-token"));
+        assert!(names_a_secret(b"credential"));
+        assert!(!names_a_secret(b"tok"));
+        assert!(!names_a_secret(b"{\"name\": \"cirros\"}"));
+    }
+
+    #[test]
+    fn query_values_that_name_a_secret_are_masked() {
+        assert_eq!(masked_target("/v2/images"), "/v2/images");
+        assert_eq!(
+            masked_target("/v2/images?limit=2&auth_token=abc&marker=x"),
+            "/v2/images?limit=2&auth_token=%3Cmasked%3E&marker=x"
+        );
+    }
+
+    #[test]
+    fn the_filter_reads_words_and_fields_like_the_page() {
+        let f = Filter::parse("status:404 IMAGES");
+        assert_eq!(
+            f.0,
+            vec![
+                (Some("status"), "404".to_owned()),
+                (None, "images".to_owned())
+            ]
+        );
+        // An unknown field is a plain word, as on the page.
+        assert_eq!(
+            Filter::parse("foo:bar").0,
+            vec![(None, "foo:bar".to_owned())]
+        );
+    }
+}
