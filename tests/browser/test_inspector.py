@@ -25,6 +25,9 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "har"))
+import validate  # noqa: E402 - tests/har/validate.py: the HAR 1.2 schema check
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "browser" / "out"
 PAGE_SRC = ROOT / "src" / "inspect" / "page.html"
@@ -475,7 +478,31 @@ def browse(args, shim, glance, browser, senders):
     only = page.locator("#recent tr.row:visible").all_inner_texts()
     check("4. status:404 leaves the 404", len(only) == 1 and "/v2/images/missing" in only[0],
           " | ".join(" ".join(t.split()) for t in only) or "no row")
+
+    # The HAR button downloads what the filter shows, and it is valid HAR 1.2.
+    with page.expect_download() as dl:
+        page.click("#har")
+    path = OUT / "filtered.har"
+    dl.value.save_as(path)
+    har = json.loads(path.read_text())
+    found = validate.problems(har)
+    urls = [e["request"]["url"] for e in har["log"]["entries"]]
+    check("7. 'Export HAR' with status:404 downloads that one request as valid HAR 1.2",
+          not found and len(urls) == 1 and urls[0].endswith("/v2/images/missing"),
+          "; ".join(found[:3]) or ", ".join(urls))
     page.fill("#filter", "")
+    with page.expect_download() as dl:
+        page.click("#har")
+    path = OUT / "session.har"
+    dl.value.save_as(path)
+    har = json.loads(path.read_text())
+    found = validate.problems(har)
+    text = path.read_text()
+    leaked = [s for s in (TOKEN, PASSWORD) if s in text]
+    ids = {e["_request_id"] for e in har["log"]["entries"]}
+    check("7. unfiltered, every request, glance's ids, no secret, valid HAR 1.2",
+          not found and not leaked and len(ids) == every and all(i.startswith("req-") for i in ids),
+          "; ".join(found[:3]) or f"{len(ids)} ids; leaked {leaked}")
 
     # 5. a clean console and no request anywhere but the inspector
     time.sleep(0.3)
