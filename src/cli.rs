@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{
     AddrError, Config, ConfigError, HostPort, Inspect, LogFormat, Scheme, TlsFiles, Upstream,
@@ -33,8 +33,12 @@ Log filtering follows RUST_LOG (default: info), e.g. RUST_LOG=glance_shim=debug.
 /// Every request is forwarded byte for byte to the upstream glance-api and logged when it arrives,
 /// while it waits on a paused upstream, and when it completes, with the request id glance uses.
 #[derive(Debug, Parser)]
-#[command(name = "glance-shim", version, about, long_about = None, after_help = EXAMPLES)]
+#[command(name = "glance-shim", version, about, long_about = None, after_help = EXAMPLES,
+          args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Where to accept connections: PORT (127.0.0.1:PORT), HOST:PORT or [IPv6]:PORT.
     #[arg(long, env = "GLANCE_SHIM_LISTEN", value_name = "ADDR", value_parser = parse_listen,
           required_unless_present = "takeover", conflicts_with = "takeover")]
@@ -181,6 +185,29 @@ pub struct Args {
     pub inspect_memory: usize,
 }
 
+/// What else `glance-shim` does besides proxying: ask a running shim.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write the requests a running glance-shim's inspector holds as a HAR 1.2 file (secrets masked).
+    Har(HarArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HarArgs {
+    /// The running shim's inspector: PORT, HOST:PORT or [IPv6]:PORT [default: 127.0.0.1:9293].
+    #[arg(long, env = "GLANCE_SHIM_INSPECT", value_name = "ADDR", value_parser = parse_inspect)]
+    pub inspector: Option<InspectAt>,
+
+    /// Only the requests this filter shows, as the page's filter box reads it: words found in the
+    /// method, path, status, ids or outcome, or FIELD:TEXT (status:404, method:put, path:/file).
+    #[arg(long, value_name = "TEXT")]
+    pub filter: Option<String>,
+
+    /// Write the archive to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
 /// What `--inspect` was given.
 #[derive(Clone, Debug)]
 pub enum InspectAt {
@@ -276,6 +303,8 @@ impl Args {
 pub enum Parsed {
     /// Run with this configuration.
     Run(Box<Config>),
+    /// `glance-shim har`: fetch an archive from a running shim.
+    Har(HarArgs),
     /// `--help` or `--version`: print this on stdout and exit 0.
     Print(String),
     /// A usage error: print this one line on stderr and exit 2.
@@ -310,6 +339,10 @@ where
         .try_get_matches_from(args)
         .and_then(|matches| Args::from_arg_matches(&matches));
     match parsed {
+        Ok(Args {
+            command: Some(Command::Har(har)),
+            ..
+        }) => Parsed::Har(har),
         Ok(args) => match args.into_config() {
             Ok(config) => Parsed::Run(Box::new(config)),
             Err(e) => Parsed::Usage(format!("glance-shim: {}", without_controls(&e.to_string()))),

@@ -17,7 +17,8 @@
 //!   table.
 //! - [`kept`] — the copies of heads and body prefixes the inspector keeps, and their memory bounds.
 //! - [`events`] — what happened to which request, in order, for the inspector's event stream.
-//! - [`inspect`] — the inspector: its own small server, the Host guard, the page, the JSON API.
+//! - [`inspect`] — the inspector: its own small server, the Host guard, the page, the JSON API, HAR
+//!   export, and the client of `glance-shim har`.
 //! - [`body`] — the streaming request/response bodies; `Expect: 100-continue`.
 //! - [`upstream`] — the connector (with `--wait-upstream` and TLS), outage logging, the pooled client.
 //! - [`error`] — what stops the shim starting; its own answers (502, 504, ...) as OpenStack-style JSON.

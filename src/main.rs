@@ -13,6 +13,15 @@ use glance_shim::{logging, server, signals};
 fn main() -> ExitCode {
     let config = match cli::parse(std::env::args_os()) {
         Parsed::Run(config) => *config,
+        Parsed::Har(args) => {
+            return match glance_shim::inspect::client::har(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("glance-shim har: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Parsed::Print(text) => {
             let _ = std::io::stdout().write_all(text.as_bytes());
             return ExitCode::SUCCESS;

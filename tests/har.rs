@@ -281,3 +281,74 @@ async fn the_filter_is_the_pages() {
     );
     assert!(urls(&har(&shim, "?filter=method:put").await.1).is_empty());
 }
+
+#[tokio::test]
+async fn glance_shim_har_fetches_the_archive_and_says_when_no_inspector_answers() {
+    let echo = Echo::start().await;
+    let shim = Shim::start(&echo.port(), &[]).await;
+    for path in ["/v2/images/a", "/v2/images/b"] {
+        assert_eq!(get(shim.addr, path).await.0.status(), 200);
+    }
+    shim.wait_for_nth("two completions", 2, completion).await;
+    let inspector = shim.inspector.unwrap().to_string();
+    let dir = tempdir("har");
+    let file = dir.join("session.har");
+    let out = shim_command()
+        .args([
+            "har",
+            "--inspector",
+            &inspector,
+            "--filter",
+            "path:/b",
+            "-o",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let urls: Vec<&str> = entries(&h)
+        .iter()
+        .map(|e| e["request"]["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(urls.len(), 1);
+    assert!(urls[0].ends_with("/v2/images/b"), "{urls:?}");
+
+    // To standard output, everything.
+    let out = shim_command()
+        .args(["har", "--inspector", &inspector])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(entries(&h).len(), 2);
+
+    // Nothing there: one line that says what to do, and status 1.
+    let nobody = Reserved::new();
+    let out = shim_command()
+        .args(["har", "--inspector", &nobody.port_str()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no inspector answers at 127.0.0.1:") && err.contains("--inspector"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    // A bad flag is a usage error, status 2, as for the proxy's own flags.
+    let out = shim_command().args(["har", "--bogus"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // And the proxy's flags do not mix with it.
+    let out = shim_command()
+        .args(["--listen", "1", "har"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -13,6 +13,7 @@
 //! - `view`: records as JSON. `stream`: the event stream. `page.html`: the page, one document with
 //!   its CSS and plain JavaScript, embedded at build time.
 
+pub mod client;
 pub mod har;
 mod stream;
 pub mod view;
