@@ -278,6 +278,47 @@ fn body_view(size: u64, head: Option<&Head>, kept: Option<&KeptBody>, in_flight:
     view
 }
 
+/// What of a kept body may leave the process (in an archive, or a capture file on disk).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Safe<'a> {
+    /// The bytes as they were.
+    Bytes(&'a [u8]),
+    /// A JSON body kept whole, re-serialised with its secret values masked.
+    Masked(Vec<u8>),
+    /// Bytes that name a secret which could not be masked in them (not JSON, or cut): left out.
+    Withheld,
+}
+
+/// The rule for [`Safe`]: a JSON body kept whole is masked field by field (and left as it was when
+/// nothing in it is secret); any other bytes are left out if they contain, in any case, `password`,
+/// `token`, `secret` or `credential`, and are kept as they are otherwise.
+pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody) -> Safe<'a> {
+    let is_json = content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+    if kept.complete
+        && is_json
+        && let Ok(mut json) = serde_json::from_slice::<Value>(&kept.bytes)
+    {
+        let before = json.clone();
+        mask_json(&mut json, false);
+        return match json == before {
+            true => Safe::Bytes(&kept.bytes),
+            false => Safe::Masked(json.to_string().into_bytes()),
+        };
+    }
+    match names_a_secret(&kept.bytes) {
+        true => Safe::Withheld,
+        false => Safe::Bytes(&kept.bytes),
+    }
+}
+
+/// True when `bytes` contain, in any case, a word that names a secret.
+fn names_a_secret(bytes: &[u8]) -> bool {
+    let lower = bytes.to_ascii_lowercase();
+    [&b"password"[..], b"token", b"secret", b"credential"]
+        .iter()
+        .any(|word| lower.windows(word.len()).any(|w| w == *word))
+}
+
 /// True for a JSON field name whose value is a secret.
 pub(super) fn secret_field(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
@@ -320,6 +361,15 @@ pub fn mask_json(v: &mut Value, under_secret: bool) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_secret_word_is_found_in_any_case_anywhere() {
+        assert!(names_a_secret(b"{\"auth\": {\"PassWord\": \"x\""));
+        assert!(names_a_secret(b"x-auth-token"));
+        assert!(names_a_secret(b"credential"));
+        assert!(!names_a_secret(b"tok"));
+        assert!(!names_a_secret(b"{\"name\": \"cirros\"}"));
+    }
 
     #[test]
     fn secrets_in_json_are_masked_at_any_depth() {
