@@ -183,17 +183,41 @@ pub struct Args {
     #[arg(long, env = "GLANCE_SHIM_INSPECT_MEMORY", value_name = "SIZE", default_value = "32MiB",
           value_parser = parse_size)]
     pub inspect_memory: usize,
+
+    /// Write every request, as it ends, to a file in DIR (made 0700; files 0600, tokens masked), so
+    /// its history survives a restart: the inspector shows it again, and `glance-shim har DIR` turns
+    /// it into a HAR file.
+    #[arg(long, env = "GLANCE_SHIM_CAPTURE", value_name = "DIR")]
+    pub capture: Option<PathBuf>,
+
+    /// Bytes of each request's and response's body captured (a prefix). Raise it to capture whole
+    /// uploads of that size, so they can be replayed; the inspector's memory (--inspect-memory) must
+    /// hold them too.
+    #[arg(long, env = "GLANCE_SHIM_CAPTURE_BODY", value_name = "SIZE", default_value = "64KiB",
+          value_parser = parse_size)]
+    pub capture_body: usize,
+
+    /// Bytes the capture directory may hold; past it, the oldest files are removed.
+    #[arg(long, env = "GLANCE_SHIM_CAPTURE_MAX", value_name = "SIZE", default_value = "256MiB",
+          value_parser = parse_size)]
+    pub capture_max: usize,
 }
 
 /// What else `glance-shim` does besides proxying: ask a running shim.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write the requests a running glance-shim's inspector holds as a HAR 1.2 file (secrets masked).
+    /// Write the requests a running glance-shim's inspector holds, or those captured in DIR, as a
+    /// HAR 1.2 file (secrets masked).
     Har(HarArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct HarArgs {
+    /// A capture directory (--capture DIR) to read instead of asking a running shim (--inspector
+    /// is then not asked).
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
     /// The running shim's inspector: PORT, HOST:PORT or [IPv6]:PORT [default: 127.0.0.1:9293].
     #[arg(long, env = "GLANCE_SHIM_INSPECT", value_name = "ADDR", value_parser = parse_inspect)]
     pub inspector: Option<InspectAt>,
@@ -291,6 +315,11 @@ impl Args {
                 body: self.inspect_body,
                 memory: self.inspect_memory,
                 ..i
+            }),
+            capture: self.capture.map(|dir| crate::config::Capture {
+                dir,
+                body: self.capture_body,
+                max: self.capture_max,
             }),
         };
         config.validate()?;

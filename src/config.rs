@@ -346,6 +346,18 @@ pub struct Config {
     pub takeover: Option<PathBuf>,
     /// The inspector page and its API (`--inspect`); `None` with `--inspect off`.
     pub inspect: Option<Inspect>,
+    /// Every request written to disk as it ends (`--capture DIR`).
+    pub capture: Option<Capture>,
+}
+
+/// Where requests are captured, and how much of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    pub dir: PathBuf,
+    /// Bytes of each body captured, each way (`--capture-body`).
+    pub body: usize,
+    /// Bytes the directory may hold; past it, the oldest files go (`--capture-max`).
+    pub max: usize,
 }
 
 /// Where the inspector is served, and what it keeps.
@@ -405,6 +417,7 @@ impl Config {
             upstream_insecure: false,
             takeover: None,
             inspect: Some(Inspect::default_on()),
+            capture: None,
         }
     }
 

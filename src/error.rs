@@ -42,6 +42,8 @@ pub enum StartError {
     },
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
 }
 
 fn bind_hint(error: &std::io::Error) -> &'static str {
@@ -56,7 +58,10 @@ impl StartError {
     /// 2 when a flag's value cannot be used, as for every usage error; 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Tls(_) | StartError::LogFile(_) | StartError::Inspect { .. } => 2,
+            StartError::Tls(_)
+            | StartError::LogFile(_)
+            | StartError::Inspect { .. }
+            | StartError::Capture(_) => 2,
             StartError::Bind { .. } | StartError::Runtime(_) => 1,
         }
     }

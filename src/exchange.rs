@@ -66,6 +66,19 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase named `name` (as [`Phase::as_str`] writes it).
+    pub fn from_name(name: &str) -> Option<Phase> {
+        [
+            Phase::ReceivingBody,
+            Phase::AwaitingHeaders,
+            Phase::Streaming,
+            Phase::Answering,
+            Phase::Done,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == name)
+    }
+
     fn from_u8(v: u8) -> Phase {
         match v {
             0 => Phase::ReceivingBody,
@@ -121,6 +134,22 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome named `name` (as [`Outcome::as_str`] writes it).
+    pub fn from_name(name: &str) -> Option<Outcome> {
+        [
+            Outcome::Completed,
+            Outcome::Refused,
+            Outcome::UpstreamUnreachable,
+            Outcome::UpstreamBrokeOff,
+            Outcome::UpstreamInvalid,
+            Outcome::ClientGone,
+            Outcome::TimedOut,
+            Outcome::Drained,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == name)
+    }
+
     /// The outcome as a log field.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -169,6 +198,18 @@ pub enum Continue {
 }
 
 impl Continue {
+    /// The way named `name` (as [`Continue::as_str`] writes it).
+    pub fn from_name(name: &str) -> Option<Continue> {
+        [
+            Continue::Relayed,
+            Continue::TimedOut,
+            Continue::AtOnce,
+            Continue::NotSent,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Continue::Relayed => "relayed",
@@ -248,6 +289,31 @@ pub struct Exchange {
     version: AtomicU64,
     /// What the inspector keeps of its heads and bodies (nothing with `--inspect off`).
     pub copies: Copies,
+    /// Read back from a capture directory (`--capture`), not seen by this process.
+    pub from_disk: bool,
+}
+
+/// A finished request's values as plain data: what `capture` writes for it, and reads back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub id: String,
+    pub id_from: String,
+    pub method: String,
+    pub target: String,
+    pub client: String,
+    /// RFC 3339, to the microsecond.
+    pub arrived_at: String,
+    /// Microseconds after arrival of each [`Mark`], in its order.
+    pub marks_us: [Option<u64>; 5],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub status: Option<u16>,
+    pub upstream_status: Option<u16>,
+    pub upstream_id: Option<String>,
+    pub outcome: Option<String>,
+    pub ended_in: String,
+    pub error: Option<String>,
+    pub expect: Option<String>,
 }
 
 impl Exchange {
@@ -286,7 +352,97 @@ impl Exchange {
             cut_off: AtomicWaker::new(),
             version: AtomicU64::new(0),
             copies,
+            from_disk: false,
         }
+    }
+
+    /// The values of this record, to be written down.
+    pub fn saved(&self) -> Saved {
+        Saved {
+            id: self.id.clone(),
+            id_from: self.id_from.as_str().to_owned(),
+            method: self.method.as_str().to_owned(),
+            target: self.target.clone(),
+            client: self.client.text.to_string(),
+            arrived_at: humantime::format_rfc3339_micros(self.arrived_at).to_string(),
+            marks_us: std::array::from_fn(|i| {
+                Some(self.marks[i].load(Ordering::Relaxed)).filter(|&us| us != UNSET)
+            }),
+            bytes_in: self.bytes_in(),
+            bytes_out: self.bytes_out(),
+            status: self.status(),
+            upstream_status: self.upstream_status(),
+            upstream_id: self.upstream_id().map(str::to_owned),
+            outcome: self.outcome().map(|o| o.as_str().to_owned()),
+            ended_in: self.ended_in().as_str().to_owned(),
+            error: self.error().map(str::to_owned),
+            expect: self.expect().map(|c| c.as_str().to_owned()),
+        }
+    }
+
+    /// A record made again from `saved` (marked as from disk), under this process's `serial`; what
+    /// does not parse is named in the error.
+    pub fn restore(serial: u64, saved: Saved, copies: Copies) -> Result<Exchange, String> {
+        let arrived_at = humantime::parse_rfc3339(&saved.arrived_at)
+            .map_err(|e| format!("arrived_at '{}': {e}", saved.arrived_at))?;
+        let method = Method::from_bytes(saved.method.as_bytes())
+            .map_err(|_| format!("method '{}'", saved.method))?;
+        let client = saved
+            .client
+            .parse()
+            .map_err(|_| format!("client '{}'", saved.client))?;
+        let outcome = match &saved.outcome {
+            None => None,
+            Some(o) => Some(Outcome::from_name(o).ok_or_else(|| format!("outcome '{o}'"))?),
+        };
+        let ended_in = Phase::from_name(&saved.ended_in)
+            .ok_or_else(|| format!("ended_in '{}'", saved.ended_in))?;
+        // As long ago on the monotonic clock as on the wall clock (as of now), for showing ages.
+        let ago = SystemTime::now()
+            .duration_since(arrived_at)
+            .unwrap_or_default();
+        let arrived = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        let id_from = match saved.id_from.as_str() {
+            "client" => IdFrom::Client,
+            _ => IdFrom::Shim,
+        };
+        let mut e = Exchange::new(
+            serial,
+            Assigned {
+                id: saved.id,
+                from: id_from,
+            },
+            method,
+            saved.target,
+            Client::new(client),
+            copies,
+        );
+        e.arrived = arrived;
+        e.arrived_at = arrived_at;
+        e.from_disk = true;
+        for (slot, us) in e.marks.iter().zip(saved.marks_us) {
+            slot.store(us.unwrap_or(UNSET), Ordering::Relaxed);
+        }
+        e.bytes_in.store(saved.bytes_in, Ordering::Relaxed);
+        e.bytes_out.store(saved.bytes_out, Ordering::Relaxed);
+        e.status.store(saved.status.unwrap_or(0), Ordering::Relaxed);
+        e.upstream_status
+            .store(saved.upstream_status.unwrap_or(0), Ordering::Relaxed);
+        if let Some(id) = saved.upstream_id {
+            let _ = e.upstream_id.set(id);
+        }
+        if let Some(o) = outcome {
+            let _ = e.outcome.set(o);
+        }
+        if let Some(c) = saved.expect.as_deref().and_then(Continue::from_name) {
+            let _ = e.expect.set(c);
+        }
+        if let Some(error) = saved.error {
+            let _ = e.error.set(error);
+        }
+        e.ended_in.store(ended_in as u8, Ordering::Relaxed);
+        e.phase.store(Phase::Done as u8, Ordering::Relaxed);
+        Ok(e)
     }
 
     fn micros(&self, at: Instant) -> u64 {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
+use crate::capture::Capture;
 use crate::events::{Events, Kind};
 use crate::exchange::{Exchange, ExchangeGuard, Outcome, Waiting};
 use crate::keepalive::Serving;
@@ -26,9 +27,11 @@ use crate::kept::{Copier, Copies, Head, Keeper};
 pub struct Registry {
     open: Mutex<BTreeMap<u64, Arc<Exchange>>>,
     next_serial: AtomicU64,
-    /// `None` with `--inspect off`: nothing is copied, kept or published.
+    /// `None` with `--inspect off` and no `--capture`: nothing is copied, kept or published.
     keeper: Option<Keeper>,
     events: Events,
+    /// With `--capture`: where each finished request is written.
+    capture: Option<Capture>,
 }
 
 impl Registry {
@@ -38,12 +41,39 @@ impl Registry {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A registry that keeps what `keeper` allows, for the inspector.
-    pub fn new(keeper: Option<Keeper>) -> Registry {
+    /// A registry that keeps what `keeper` allows, for the inspector, and writes each finished
+    /// request to `capture`.
+    pub fn new(keeper: Option<Keeper>, capture: Option<Capture>) -> Registry {
         Registry {
             keeper,
+            capture,
             ..Registry::default()
         }
+    }
+
+    /// Keeps the requests read back from a capture (the newest `--inspect-keep` of them), marked as
+    /// from disk; returns the number kept and the lines that could not be made records again.
+    pub fn restore(&self, lines: Vec<crate::capture::Line>) -> (usize, Vec<String>) {
+        let Some(keeper) = &self.keeper else {
+            return (0, Vec::new());
+        };
+        let skip = lines.len().saturating_sub(keeper.keep());
+        let (mut kept, mut bad) = (0, Vec::new());
+        for line in lines.into_iter().skip(skip) {
+            let id = line.saved.id.clone();
+            match line.restore(self.next_serial(), keeper, &mut |old| {
+                self.events.evicted(old)
+            }) {
+                Ok(e) => {
+                    kept += 1;
+                    if let Some(old) = keeper.finish(Arc::new(e)) {
+                        self.events.evicted(&old);
+                    }
+                }
+                Err(why) => bad.push(format!("{id}: {why}")),
+            }
+        }
+        (kept, bad)
     }
 
     pub fn keeper(&self) -> Option<&Keeper> {
@@ -72,6 +102,9 @@ impl Registry {
     /// The request ended: out of the in-flight list and, with the inspector on, into the kept ones.
     pub(crate) fn finish(&self, exchange: &Arc<Exchange>) {
         self.lock().remove(&exchange.serial);
+        if let Some(capture) = &self.capture {
+            capture.record(exchange);
+        }
         if let Some(keeper) = &self.keeper {
             self.events.publish(Kind::Done, exchange);
             if let Some(old) = keeper.finish(exchange.clone()) {

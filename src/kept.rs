@@ -129,6 +129,8 @@ pub struct KeptBody {
     pub complete: bool,
     /// Why the copy stopped early, if it did for a reason other than `--inspect-body`.
     pub short: Option<&'static str>,
+    /// Read back from a capture in which its secret values were masked: not the bytes that were sent.
+    pub masked: bool,
     _charge: Option<Charge>,
 }
 
@@ -159,6 +161,11 @@ impl Keeper {
 
     pub fn budget(&self) -> &Budget {
         self.budget
+    }
+
+    /// Finished requests kept at most (`--inspect-keep`).
+    pub fn keep(&self) -> usize {
+        self.keep
     }
 
     /// Charges `n` bytes, dropping the oldest finished requests to make room; `evicted` is told
@@ -195,6 +202,38 @@ impl Keeper {
         Some(Head {
             lines,
             _charge: charge,
+        })
+    }
+
+    /// A head read back from a capture, as `name:value` lines; `None` when there is no room.
+    pub fn restored_head(
+        &self,
+        lines: Vec<u8>,
+        evicted: &mut dyn FnMut(&Exchange),
+    ) -> Option<Head> {
+        let charge = self.charge(lines.len(), evicted)?;
+        Some(Head {
+            lines: lines.into_boxed_slice(),
+            _charge: charge,
+        })
+    }
+
+    /// A body read back from a capture; `None` when there is no room.
+    pub fn restored_body(
+        &self,
+        bytes: Vec<u8>,
+        complete: bool,
+        short: Option<&'static str>,
+        masked: bool,
+        evicted: &mut dyn FnMut(&Exchange),
+    ) -> Option<KeptBody> {
+        let charge = self.charge(bytes.capacity(), evicted)?;
+        Some(KeptBody {
+            bytes,
+            complete,
+            short,
+            masked,
+            _charge: Some(charge),
         })
     }
 
@@ -273,6 +312,7 @@ impl Copier {
         KeptBody {
             complete: ended && self.short.is_none() && self.seen == self.buf.len(),
             short: self.short,
+            masked: false,
             bytes: self.buf,
             _charge: self.charge,
         }
@@ -298,6 +338,7 @@ static EMPTY: KeptBody = KeptBody {
     bytes: Vec::new(),
     complete: true,
     short: None,
+    masked: false,
     _charge: None,
 };
 

@@ -19,6 +19,7 @@
 //! - [`events`] — what happened to which request, in order, for the inspector's event stream.
 //! - [`inspect`] — the inspector: its own small server, the Host guard, the page, the JSON API, HAR
 //!   export, and the client of `glance-shim har`.
+//! - [`capture`] — every finished request written to disk (`--capture`), and read back.
 //! - [`body`] — the streaming request/response bodies; `Expect: 100-continue`.
 //! - [`upstream`] — the connector (with `--wait-upstream` and TLS), outage logging, the pooled client.
 //! - [`error`] — what stops the shim starting; its own answers (502, 504, ...) as OpenStack-style JSON.
@@ -27,6 +28,7 @@
 //! - [`uwsgi`] — the address in DevStack's glance-uwsgi.ini, for `--takeover`.
 
 pub mod body;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod correlation;

@@ -22,7 +22,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, HostPort, Scheme};
+use crate::capture::Capture;
+use crate::config::{Config, HostPort, Inspect, Scheme};
 use crate::error::StartError;
 use crate::exchange::Client;
 use crate::inflight::{self, Registry, Rules};
@@ -106,11 +107,46 @@ impl Server {
             Some(inspect) => crate::inspect::bind(inspect)?,
             None => None,
         };
-        let keeper = inspector
-            .as_ref()
-            .and(config.inspect.as_ref())
-            .map(|i| Keeper::new(i.keep, i.body, i.memory));
-        let registry = Arc::new(Registry::new(keeper));
+        let (capture, history) = match &config.capture {
+            Some(c) => {
+                let (capture, loaded) = Capture::open(c)?;
+                (Some(capture), Some(loaded))
+            }
+            None => (None, None),
+        };
+        // The copies are kept for the inspector, and made for the capture: without an inspector,
+        // none are kept once written.
+        let inspect = inspector.as_ref().and(config.inspect.as_ref());
+        let keeper = match (inspect, &config.capture) {
+            (None, None) => None,
+            (inspect, capture) => {
+                let default = Inspect::default_on();
+                let i = inspect.unwrap_or(&default);
+                let keep = if inspect.is_some() { i.keep } else { 0 };
+                let body = i.body.max(capture.as_ref().map_or(0, |c| c.body));
+                Some(Keeper::new(keep, body, i.memory))
+            }
+        };
+        let registry = Arc::new(Registry::new(keeper, capture));
+        if let (Some(loaded), Some(c)) = (history, &config.capture) {
+            for warning in &loaded.warnings {
+                warn!(dir = %c.dir.display(), "capture file {warning}");
+            }
+            let read = loaded.lines.len();
+            let (kept, bad) = registry.restore(loaded.lines);
+            for why in &bad {
+                warn!(dir = %c.dir.display(), "a captured request cannot be read back: {why}");
+            }
+            if read > 0 {
+                info!(
+                    dir = %c.dir.display(),
+                    read,
+                    shown = kept,
+                    "read {read} captured requests from {}; the inspector shows the last {kept}",
+                    c.dir.display()
+                );
+            }
+        }
         let proxy = Proxy::new(&config, Pool::new(connector), registry, health);
         Ok(Server {
             listener,

@@ -251,7 +251,8 @@ fn every_command_line_in_the_docs_parses() {
             let Some(rest) = line.strip_prefix("glance-shim ") else {
                 continue;
             };
-            let rest = rest.split('#').next().unwrap().trim();
+            // Up to a comment, a redirection or a pipe: what the shell hands the binary.
+            let rest = rest.split(['#', '>', '|']).next().unwrap().trim();
             let mut args: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
             // The DevStack path of --takeover does not exist here: point it at the sample file.
             if let Some(i) = args.iter().position(|a| a == "--takeover") {
@@ -265,7 +266,7 @@ fn every_command_line_in_the_docs_parses() {
             match glance_shim::cli::parse_args_only(
                 std::iter::once("glance-shim".to_owned()).chain(args),
             ) {
-                glance_shim::cli::Parsed::Run(_) => {}
+                glance_shim::cli::Parsed::Run(_) | glance_shim::cli::Parsed::Har(_) => {}
                 other => panic!("{doc}: `{line}` does not parse: {other:?}"),
             }
         }

@@ -715,3 +715,26 @@ async fn a_refused_request_is_shown_with_its_fields_as_they_came() {
     assert_eq!(d["response"]["body"]["json"]["code"], 508);
     assert_eq!(echo.requests().len(), 0);
 }
+
+#[tokio::test]
+async fn a_token_echoed_in_a_body_is_masked_there_too() {
+    let up = RawUpstream::bind().await;
+    let shim = Shim::start(&up.port(), &[]).await;
+    let (mut client, mut conn, _) = forwarded(&shim, &up, &patch("[]")).await;
+    conn.read_exact(2).await;
+    // An upstream that echoes the request's fields back: the token is in no field named as a secret.
+    let answer =
+        format!(r#"{{"headers": [["x-auth-token", "{TOKEN}"]], "note": "seen {TOKEN} here"}}"#);
+    conn.send(&glance_answer(&answer)).await;
+    let head = client.read_head().await;
+    client.read_body(&head).await;
+    shim.wait_for("the completion line", completion).await;
+    let (_, raw) = get(shim.inspector.unwrap(), "/api/requests/0").await;
+    let text = String::from_utf8(raw).unwrap();
+    assert!(!text.contains(TOKEN), "{text}");
+    let d: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(d["response"]["body"]["json"]["headers"][0][1], "<masked>");
+    assert_eq!(d["response"]["body"]["json"]["note"], "seen <masked> here");
+    let (_, raw) = get(shim.inspector.unwrap(), "/api/har").await;
+    assert!(!String::from_utf8(raw).unwrap().contains(TOKEN));
+}

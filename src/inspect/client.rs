@@ -40,12 +40,53 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{} is not a directory: give the DIR that --capture wrote to", .0.display())]
+    NoCapture(PathBuf),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
 }
 
-/// `glance-shim har`: the archive from the inspector at `--inspector`, to `--output` or stdout.
+/// `glance-shim har`: the archive from the inspector at `--inspector`, or from the capture in DIR,
+/// to `--output` or stdout.
 pub fn har(args: &HarArgs) -> Result<(), ClientError> {
+    let body = match &args.dir {
+        Some(dir) => from_capture(dir, args.filter.as_deref().unwrap_or(""))?,
+        None => from_inspector(args)?,
+    };
+    let written = match &args.output {
+        Some(file) => std::fs::write(file, &body).map_err(|source| (file.clone(), source)),
+        None => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(&body)
+                .map_err(|source| (PathBuf::from("standard output"), source))
+        }
+    };
+    written.map_err(|(path, source)| ClientError::Write { path, source })
+}
+
+/// The archive of what `dir` holds; what could not be read is said on stderr, one line each.
+fn from_capture(dir: &std::path::Path, filter: &str) -> Result<Vec<u8>, ClientError> {
+    if !dir.is_dir() {
+        return Err(ClientError::NoCapture(dir.to_owned()));
+    }
+    let (mut records, warnings) = crate::capture::records(dir);
+    for w in warnings {
+        eprintln!("glance-shim har: warning: {w}");
+    }
+    let cx = super::view::Context::now(None, "http");
+    let filter = super::har::Filter::parse(filter);
+    records.retain(|e| filter.matches(&super::view::summary(e, &cx)));
+    let comment = format!(
+        "captured by glance-shim in {}: {} requests",
+        dir.display(),
+        records.len()
+    );
+    let archive = super::har::archive(&records, &cx, Some(comment));
+    Ok(serde_json::to_vec(&archive).expect("an archive serialises"))
+}
+
+fn from_inspector(args: &HarArgs) -> Result<Vec<u8>, ClientError> {
     let addr = match &args.inspector {
         Some(InspectAt::Off) => return Err(ClientError::Off),
         Some(InspectAt::At(addr)) => addr.to_string(),
@@ -60,17 +101,7 @@ pub fn har(args: &HarArgs) -> Result<(), ClientError> {
         .enable_all()
         .build()
         .map_err(ClientError::Runtime)?;
-    let body = runtime.block_on(get(&addr, &path))?;
-    let written = match &args.output {
-        Some(file) => std::fs::write(file, &body).map_err(|source| (file.clone(), source)),
-        None => {
-            use std::io::Write as _;
-            std::io::stdout()
-                .write_all(&body)
-                .map_err(|source| (PathBuf::from("standard output"), source))
-        }
-    };
-    written.map_err(|(path, source)| ClientError::Write { path, source })
+    Ok(runtime.block_on(get(&addr, &path))?.to_vec())
 }
 
 /// `GET path` from the inspector at `addr`: the body of a 200.

@@ -75,6 +75,9 @@ pub struct Entry {
     pub in_flight: bool,
     #[serde(rename = "_client")]
     pub client: String,
+    /// Read back from a capture directory rather than seen by the shim that wrote the archive.
+    #[serde(rename = "_from_disk", skip_serializing_if = "std::ops::Not::not")]
+    pub from_disk: bool,
     #[serde(rename = "_error", skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -198,7 +201,8 @@ pub fn entry(e: &Exchange, cx: &Context) -> Entry {
     let timings = timings(e, end);
     let request_head = e.copies.request_head.as_ref();
     let response_head = e.copies.response_head.get();
-    let request = request(e, &summary, request_head, cx);
+    let secrets = view::secret_values(e);
+    let request = request(e, &summary, request_head, cx, &secrets);
     let response = match response_head {
         Some(head) => Response {
             status: summary.status.unwrap_or(0),
@@ -220,6 +224,7 @@ pub fn entry(e: &Exchange, cx: &Context) -> Entry {
                     e.copies.response_body.get(),
                     e.bytes_out(),
                     summary.in_flight,
+                    &secrets,
                 );
                 Content {
                     size: i64::try_from(e.bytes_out()).unwrap_or(i64::MAX),
@@ -273,11 +278,18 @@ pub fn entry(e: &Exchange, cx: &Context) -> Entry {
         outcome: summary.outcome,
         in_flight: summary.in_flight,
         client: e.client.text.to_string(),
+        from_disk: e.from_disk,
         error: e.error().map(str::to_owned),
     }
 }
 
-fn request(e: &Exchange, summary: &Summary<'_>, head: Option<&Head>, cx: &Context) -> Request {
+fn request(
+    e: &Exchange,
+    summary: &Summary<'_>,
+    head: Option<&Head>,
+    cx: &Context,
+    secrets: &[String],
+) -> Request {
     let host = summary.host.as_deref().unwrap_or("localhost");
     let target = masked_target(&e.target);
     let url = if target.starts_with('/') {
@@ -299,6 +311,7 @@ fn request(e: &Exchange, summary: &Summary<'_>, head: Option<&Head>, cx: &Contex
                 e.copies.request_body(),
                 e.bytes_in(),
                 summary.in_flight,
+                secrets,
             );
             PostData {
                 mime_type: b.mime_type,
@@ -390,7 +403,13 @@ struct Body {
 }
 
 /// What an archive carries of a body of `size` bytes of which `kept` was kept.
-fn body(head: Option<&Head>, kept: Option<&KeptBody>, size: u64, in_flight: bool) -> Body {
+fn body(
+    head: Option<&Head>,
+    kept: Option<&KeptBody>,
+    size: u64,
+    in_flight: bool,
+    secrets: &[String],
+) -> Body {
     let mime_type = head
         .and_then(|h| h.get("content-type"))
         .map(|v| crate::correlation::printable(v).trim().to_owned())
@@ -416,6 +435,11 @@ fn body(head: Option<&Head>, kept: Option<&KeptBody>, size: u64, in_flight: bool
         return out;
     }
     let mut notes = Vec::new();
+    if k.masked {
+        notes.push(format!(
+            "secret values were masked ({MASKED}) when it was captured"
+        ));
+    }
     if !k.complete {
         out.kept.truncated = true;
         notes.push(match k.short {
@@ -429,7 +453,7 @@ fn body(head: Option<&Head>, kept: Option<&KeptBody>, size: u64, in_flight: bool
             ),
         });
     }
-    match view::safe(Some(&out.mime_type), k) {
+    match view::safe(Some(&out.mime_type), k, secrets) {
         view::Safe::Bytes(bytes) => match std::str::from_utf8(bytes) {
             Ok(text) => out.text = Some(text.to_owned()),
             Err(_) => {

@@ -63,6 +63,8 @@ pub struct Summary<'a> {
     pub ended_in: Option<&'static str>,
     pub error: Option<&'a str>,
     pub expect_100: Option<&'static str>,
+    /// Read back from a capture directory (`--capture`) when the shim started.
+    pub from_disk: bool,
 }
 
 /// When each moment came, in milliseconds after arrival.
@@ -131,6 +133,7 @@ pub fn summary<'a>(e: &'a Exchange, cx: &Context) -> Summary<'a> {
             .map(|_| e.ended_in().as_str()),
         error: e.error(),
         expect_100: e.expect().map(Continue::as_str),
+        from_disk: e.from_disk,
     }
 }
 
@@ -174,6 +177,7 @@ pub struct BodyView {
 pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
     let summary = summary(e, cx);
     let in_flight = summary.in_flight;
+    let secrets = secret_values(e);
     let request = Message {
         headers: e
             .copies
@@ -186,6 +190,7 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
             e.copies.request_head.as_ref(),
             e.copies.request_body(),
             in_flight,
+            &secrets,
         ),
     };
     let response = e.copies.response_head.get().map(|head| Message {
@@ -195,6 +200,7 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
             Some(head),
             e.copies.response_body.get(),
             in_flight,
+            &secrets,
         ),
     });
     Detail {
@@ -204,7 +210,7 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
     }
 }
 
-pub(super) fn fields(head: &Head) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+pub(crate) fn fields(head: &Head) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
     head.fields()
         .map(|(name, value)| (Cow::Borrowed(name), shown(name, value)))
         .collect()
@@ -238,7 +244,13 @@ fn shown<'a>(name: &str, value: &'a [u8]) -> Cow<'a, str> {
     }
 }
 
-fn body_view(size: u64, head: Option<&Head>, kept: Option<&KeptBody>, in_flight: bool) -> BodyView {
+fn body_view(
+    size: u64,
+    head: Option<&Head>,
+    kept: Option<&KeptBody>,
+    in_flight: bool,
+    secrets: &[String],
+) -> BodyView {
     let content_type = head
         .and_then(|h| h.get("content-type"))
         .map(|v| String::from_utf8_lossy(v).trim().to_owned());
@@ -269,6 +281,7 @@ fn body_view(size: u64, head: Option<&Head>, kept: Option<&KeptBody>, in_flight:
         Some(k) => match serde_json::from_slice::<Value>(&k.bytes) {
             Ok(mut json) => {
                 mask_json(&mut json, false);
+                mask_values(&mut json, secrets);
                 view.json = Some(json);
                 return view;
             }
@@ -292,7 +305,7 @@ pub enum Safe<'a> {
 /// The rule for [`Safe`]: a JSON body kept whole is masked field by field (and left as it was when
 /// nothing in it is secret); any other bytes are left out if they contain, in any case, `password`,
 /// `token`, `secret` or `credential`, and are kept as they are otherwise.
-pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody) -> Safe<'a> {
+pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[String]) -> Safe<'a> {
     let is_json = content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"));
     if kept.complete
         && is_json
@@ -300,14 +313,57 @@ pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody) -> Safe<'a> {
     {
         let before = json.clone();
         mask_json(&mut json, false);
+        mask_values(&mut json, secrets);
         return match json == before {
             true => Safe::Bytes(&kept.bytes),
             false => Safe::Masked(json.to_string().into_bytes()),
         };
     }
-    match names_a_secret(&kept.bytes) {
+    let holds = |s: &String| kept.bytes.windows(s.len()).any(|w| w == s.as_bytes());
+    match names_a_secret(&kept.bytes) || secrets.iter().any(holds) {
         true => Safe::Withheld,
         false => Safe::Bytes(&kept.bytes),
+    }
+}
+
+/// The values of a request's secret header fields (its token, say), and of their words: masked
+/// wherever else they appear, in bodies too (an upstream that echoes a request's headers back).
+/// Values shorter than 8 bytes are too short to look for safely, and too short to be a token.
+pub fn secret_values(e: &Exchange) -> Vec<String> {
+    let mut out = Vec::new();
+    let heads = [e.copies.request_head.as_ref(), e.copies.response_head.get()];
+    for (name, value) in heads.into_iter().flatten().flat_map(Head::fields) {
+        if !is_secret_name(name) {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value);
+        let value = value.trim();
+        let words = value.split([' ', ';', ',', '=']);
+        for v in std::iter::once(value).chain(words) {
+            if v.len() >= 8 && v != MASKED && !out.iter().any(|o| o == v) {
+                out.push(v.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Masks every occurrence of `secrets` in the strings of `v`.
+pub fn mask_values(v: &mut Value, secrets: &[String]) {
+    if secrets.is_empty() {
+        return;
+    }
+    match v {
+        Value::String(s) => {
+            for secret in secrets {
+                if s.contains(secret.as_str()) {
+                    *s = s.replace(secret.as_str(), MASKED);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| mask_values(i, secrets)),
+        Value::Object(map) => map.values_mut().for_each(|i| mask_values(i, secrets)),
+        _ => {}
     }
 }
 

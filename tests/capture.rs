@@ -1,0 +1,359 @@
+//! Capture to disk (`--capture DIR`), against the real binary: file modes and masking, history after a
+//! restart, SIGKILL and corrupt files, the size bound, `--capture-body`, and `glance-shim har DIR`.
+
+mod util;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use util::*;
+
+const TOKEN: &str = "gAAAAABcaptured-token-value";
+
+/// The lines of every capture file in `dir`, oldest file first (complete lines only).
+fn captured(dir: &Path) -> Vec<Value> {
+    files(dir)
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Waits until `dir` holds `n` captured requests (the writer is a thread of its own).
+async fn wait_captured(dir: &Path, n: usize) -> Vec<Value> {
+    for _ in 0..500 {
+        let lines = captured(dir);
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{n} requests were not captured in {}: {:?}",
+        dir.display(),
+        captured(dir)
+    );
+}
+
+/// A capture file's text with every body decoded, to look for secrets in.
+fn decoded(text: &str) -> String {
+    use base64::Engine as _;
+    let mut out = text.to_owned();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        for body in ["request_body", "response_body"] {
+            if let Some(b64) = v[body]["b64"].as_str() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap();
+                out.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+    out
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn patch_with_secrets() -> String {
+    let body = r#"[{"op":"add","path":"/k","value":"v"},{"op":"add","path":"/db_password","value":"hunter2"}]"#;
+    format!(
+        "PATCH /v2/images/abc HTTP/1.1\r\nHost: controller\r\nX-Auth-Token: {TOKEN}\r\n\
+         Content-Type: application/openstack-images-v2.1-json-patch\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn har_of(dir: &Path, extra: &[&str]) -> (Value, String) {
+    let out = shim_command()
+        .arg("har")
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        serde_json::from_slice(&out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_capture_is_private_masked_and_shown_again_after_a_restart() {
+    let echo = Echo::start().await;
+    let dir = tempdir("capture").join("new");
+    let dir_s = dir.to_str().unwrap();
+    let first = Shim::start(&echo.port(), &["--capture", dir_s]).await;
+    let (head, _) = roundtrip(first.addr, &patch_with_secrets()).await;
+    assert_eq!(head.status(), 200);
+    let done = first.wait_for("the completion line", completion).await;
+    let lines = wait_captured(&dir, 1).await;
+
+    assert_eq!(mode(&dir), 0o700, "the directory it made");
+    for f in files(&dir) {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+        let text = decoded(&std::fs::read_to_string(&f).unwrap());
+        assert!(!text.contains(TOKEN), "the token was written: {text}");
+        assert!(
+            !text.contains("hunter2"),
+            "the password was written: {text}"
+        );
+    }
+    let line = &lines[0];
+    assert_eq!(line["id"], done["id"]);
+    assert_eq!(line["method"], "PATCH");
+    assert_eq!(line["outcome"], "completed");
+    assert!(
+        line["request_head"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h[0] == "x-auth-token" && h[1] == "<masked>")
+    );
+    assert_eq!(line["request_body"]["masked"], true);
+    drop(first);
+
+    // The same directory again: the history is shown, marked as from disk.
+    let second = Shim::start(&echo.port(), &["--capture", dir_s]).await;
+    let read = second
+        .wait_for("the history line", |l| {
+            msg(l).starts_with("read 1 captured")
+        })
+        .await;
+    assert_eq!(read["shown"], 1);
+    let list = second.api("/api/requests").await;
+    let recent = list["recent"].as_array().unwrap();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(recent[0]["id"], done["id"]);
+    assert_eq!(recent[0]["from_disk"], true);
+    assert_eq!(recent[0]["status"], 200);
+    assert_eq!(recent[0]["bytes_in"], line["bytes_in"]);
+    let serial = recent[0]["serial"].as_u64().unwrap();
+    let d = second.api(&format!("/api/requests/{serial}")).await;
+    assert_eq!(d["request"]["body"]["json"][1]["value"], "<masked>");
+    assert_eq!(d["request"]["body"]["json"][0]["value"], "v");
+    assert!(
+        d["request"]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h[0] == "x-auth-token" && h[1] == "<masked>")
+    );
+
+    // New requests go to a new file beside the old one.
+    assert_eq!(get(second.addr, "/v2/images").await.0.status(), 200);
+    wait_captured(&dir, 2).await;
+    assert_eq!(files(&dir).len(), 2);
+
+    // And `glance-shim har DIR` reads both.
+    let (h, stderr) = har_of(&dir, &[]);
+    assert!(stderr.is_empty(), "{stderr}");
+    let entries = h["log"]["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["_request_id"], done["id"]);
+    assert_eq!(entries[0]["_from_disk"], true);
+    let text = h.to_string();
+    assert!(!text.contains(TOKEN) && !text.contains("hunter2"), "{text}");
+    let (h, _) = har_of(&dir, &["--filter", "method:patch"]);
+    assert_eq!(h["log"]["entries"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn sigkill_loses_at_most_the_last_request_and_a_torn_or_corrupt_file_is_named() {
+    let echo = Echo::start().await;
+    let dir = tempdir("capture").join("kill");
+    let dir_s = dir.to_str().unwrap();
+    let shim = Shim::start(&echo.port(), &["--capture", dir_s]).await;
+    let mut conn = Conn::connect(shim.addr).await;
+    for i in 0..20 {
+        conn.send(&format!("GET /v2/images/{i} HTTP/1.1\r\nHost: h\r\n\r\n"))
+            .await;
+        let head = conn.read_head().await;
+        conn.read_body(&head).await;
+    }
+    shim.signal("KILL");
+    let mut shim = shim;
+    shim.exit_status().await;
+    let lines = captured(&dir);
+    assert!(
+        lines.len() >= 19,
+        "{} of 20 requests were captured",
+        lines.len()
+    );
+
+    // A line torn by a crash, and a file that is not a capture at all.
+    let file = files(&dir).pop().unwrap();
+    let mut text = std::fs::read(&file).unwrap();
+    text.extend_from_slice(br#"{"v":1,"id":"req-torn","meth"#);
+    std::fs::write(&file, &text).unwrap();
+    let corrupt = dir.join("capture-00000000T000000.000000Z-1.jsonl");
+    std::fs::write(&corrupt, b"\x00\x01 not json\n").unwrap();
+
+    let again = Shim::start(&echo.port(), &["--capture", dir_s]).await;
+    let file_name = file.file_name().unwrap().to_str().unwrap();
+    let torn = again
+        .wait_for("the warning about the torn line", |l| {
+            msg(l).contains(file_name) && msg(l).contains("the rest was read")
+        })
+        .await;
+    assert_eq!(torn["level"], "WARN");
+    again
+        .wait_for("the warning about the corrupt file", |l| {
+            msg(l).contains("capture-00000000T000000.000000Z-1.jsonl")
+        })
+        .await;
+    let recent = again.api("/api/requests").await["recent"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(recent, lines.len(), "every good line is shown");
+
+    let (h, stderr) = har_of(&dir, &[]);
+    assert_eq!(h["log"]["entries"].as_array().unwrap().len(), lines.len());
+    assert!(stderr.contains(file_name), "{stderr}");
+    assert!(
+        stderr.contains("capture-00000000T000000.000000Z-1.jsonl"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_directory_stays_within_capture_max_the_oldest_going_first() {
+    let echo = Echo::start().await;
+    let dir = tempdir("capture").join("bound");
+    let max = 64 * 1024;
+    let shim = Shim::start(
+        &echo.port(),
+        &["--capture", dir.to_str().unwrap(), "--capture-max", "64KiB"],
+    )
+    .await;
+    let mut conn = Conn::connect(shim.addr).await;
+    let n = 300;
+    for i in 0..n {
+        conn.send(&format!(
+            "GET /download?bytes=1000&i={i} HTTP/1.1\r\nHost: h\r\n\r\n"
+        ))
+        .await;
+        let head = conn.read_head().await;
+        conn.read_body(&head).await;
+    }
+    shim.wait_for_nth("every completion", n, completion).await;
+    // The last one written: the newest request is there, the first is long gone.
+    for _ in 0..500 {
+        if captured(&dir)
+            .iter()
+            .any(|l| l["target"] == format!("/download?bytes=1000&i={}", n - 1))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lines = captured(&dir);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["target"] == format!("/download?bytes=1000&i={}", n - 1))
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l["target"] == "/download?bytes=1000&i=0")
+    );
+    assert!(lines.len() < n, "{} lines kept", lines.len());
+    let total: u64 = files(&dir)
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    let longest = lines.iter().map(|l| l.to_string().len()).max().unwrap() as u64;
+    assert!(
+        total <= max + longest,
+        "{total} bytes in {} files, over --capture-max",
+        files(&dir).len()
+    );
+}
+
+#[tokio::test]
+async fn capture_body_keeps_whole_uploads_of_that_size() {
+    let echo = Echo::start().await;
+    let mib = 1 << 20;
+    let upload = format!(
+        "PUT /v2/images/x/file HTTP/1.1\r\nHost: h\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {mib}\r\n\r\n"
+    );
+    for (flags, kept, complete) in [
+        (
+            &["--capture-body", "2MiB", "--inspect-memory", "8MiB"][..],
+            mib,
+            true,
+        ),
+        (&[][..], 65536, false),
+    ] {
+        let dir = tempdir("capture").join("body");
+        let mut args = vec!["--capture", dir.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let shim = Shim::start(&echo.port(), &args).await;
+        let mut conn = Conn::connect(shim.addr).await;
+        conn.send(&upload).await;
+        conn.write(&vec![7u8; mib]).await;
+        let head = conn.read_head().await;
+        assert_eq!(head.status(), 200);
+        conn.read_body(&head).await;
+        let line = &wait_captured(&dir, 1).await[0];
+        let body = &line["request_body"];
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(body["b64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(bytes.len(), kept, "{flags:?}");
+        assert!(bytes.iter().all(|&b| b == 7));
+        assert_eq!(body["complete"], complete, "{flags:?}");
+        assert_eq!(line["bytes_in"], mib);
+    }
+}
+
+#[tokio::test]
+async fn a_directory_others_can_read_is_refused_with_status_2() {
+    let dir = tempdir("capture"); // made with the umask's 0755
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let down = Reserved::new();
+    let mut shim = Shim::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &down.port_str(),
+            "--capture",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let status = shim.exit_status().await;
+    assert_eq!(status.code(), Some(2));
+    let log = shim.dump();
+    assert!(
+        log.contains("--capture") && log.contains("chmod 700"),
+        "{log}"
+    );
+}
