@@ -94,11 +94,14 @@ class Direct(Peer):
 class GlanceShim(Peer):
     name = "glance-shim"
 
-    def __init__(self, upstream_port, workdir, binary, log=True, name=None, inspect=True):
+    def __init__(self, upstream_port, workdir, binary, log=True, name=None, inspect=True, capture=False):
         super().__init__(upstream_port, workdir)
         self.binary = binary
         self.log = log
         self.inspect = inspect
+        self.capture = capture
+        if capture:
+            self.name = "glance-shim, capture on"
         if not log:
             self.name = "glance-shim, log off"
         if not inspect:
@@ -118,7 +121,8 @@ class GlanceShim(Peer):
         inspect = f"127.0.0.1:{free_port()}" if self.inspect else "off"
         self.proc = subprocess.Popen(
             [self.binary, "--listen", str(port), "--upstream", str(self.upstream_port), "--log-file", log,
-             "--inspect", inspect],
+             "--inspect", inspect]
+            + (["--capture", tempfile.mkdtemp(prefix="capture-", dir=self.workdir)] if self.capture else []),
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         wait_port(port, self.proc)
@@ -369,7 +373,7 @@ def startup_ms(binary, trials=20):
     return statistics.median(times)
 
 
-PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "nginx", "HAProxy", "socat", "mitmdump"]
+PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "glance-shim, capture on", "nginx", "HAProxy", "socat", "mitmdump"]
 
 
 def main():
@@ -411,6 +415,7 @@ def main():
         "glance-shim": lambda: GlanceShim(upstream_port, workdir, args.shim),
         "glance-shim, log off": lambda: GlanceShim(upstream_port, workdir, args.shim, log=False),
         "glance-shim, inspect off": lambda: GlanceShim(upstream_port, workdir, args.shim, inspect=False),
+        "glance-shim, capture on": lambda: GlanceShim(upstream_port, workdir, args.shim, capture=True),
         "nginx": lambda: Nginx(upstream_port, workdir),
         "HAProxy": lambda: HAProxy(upstream_port, workdir),
         "socat": lambda: Socat(upstream_port, workdir),
@@ -484,6 +489,10 @@ def main():
         costs = ", ".join(f"{(1 - ratio('glance-shim', k, 'glance-shim, inspect off')) * 100:.1f}% in {k}"
                           for k in keys if k.startswith("rps_") or k.endswith("MBps"))
         print(f"inspector cost (on, the default, against --inspect off): {costs}")
+    if "glance-shim, capture on" in med:
+        costs = ", ".join(f"{(1 - ratio('glance-shim, capture on', k, 'glance-shim')) * 100:.1f}% in {k}"
+                          for k in keys if k.startswith("rps_") or k.endswith("MBps"))
+        print(f"capture cost (--capture DIR, against the default): {costs}")
 
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
