@@ -38,7 +38,7 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client's request body, forwarded frame by frame.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Inbound,
     exchange: Arc<Exchange>,
     /// Set while a body announced with `Expect: 100-continue` is held back.
     gate: Option<ContinueGate>,
@@ -50,7 +50,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(
-        inner: Incoming,
+        inner: Inbound,
         exchange: Arc<Exchange>,
         gate: Option<ContinueGate>,
         registry: &Arc<Registry>,
@@ -89,6 +89,44 @@ impl std::fmt::Debug for RequestBody {
             .field("id", &self.exchange.id)
             .field("gated", &self.gate.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a request body comes from: the client's connection, or the bytes a replay sends.
+#[derive(Debug)]
+pub enum Inbound {
+    Client(Incoming),
+    Replay(Option<Bytes>),
+}
+
+impl Body for Inbound {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Inbound::Client(inner) => Pin::new(inner).poll_frame(cx),
+            Inbound::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inbound::Client(inner) => inner.is_end_stream(),
+            Inbound::Replay(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inbound::Client(inner) => inner.size_hint(),
+            Inbound::Replay(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }
 

@@ -209,6 +209,39 @@ pub enum Command {
     /// Write the requests a running glance-shim's inspector holds, or those captured in DIR, as a
     /// HAR 1.2 file (secrets masked).
     Har(HarArgs),
+    /// Send a request a running glance-shim keeps to glance again, with a new request id, and wait
+    /// for its answer.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// The request to send again: its request id (req-...) or its serial number in the inspector.
+    #[arg(value_name = "ID")]
+    pub of: String,
+
+    /// A fresh token for X-Auth-Token (openstack token issue -f value -c id), instead of the one it
+    /// came with.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+
+    /// The running shim's inspector: PORT, HOST:PORT or [IPv6]:PORT [default: 127.0.0.1:9293].
+    #[arg(long, env = "GLANCE_SHIM_INSPECT", value_name = "ADDR", value_parser = parse_inspect)]
+    pub inspector: Option<InspectAt>,
+
+    /// The inspector's key (the key= in its address on the start-up line) [default: read from the
+    /// file the shim wrote it to].
+    #[arg(
+        long,
+        env = "GLANCE_SHIM_INSPECT_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub key: Option<String>,
+
+    /// Return once the replay is sent, without waiting for glance's answer.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -334,6 +367,8 @@ pub enum Parsed {
     Run(Box<Config>),
     /// `glance-shim har`: fetch an archive from a running shim.
     Har(HarArgs),
+    /// `glance-shim replay`: ask a running shim to send a request again.
+    Replay(ReplayArgs),
     /// `--help` or `--version`: print this on stdout and exit 0.
     Print(String),
     /// A usage error: print this one line on stderr and exit 2.
@@ -372,6 +407,10 @@ where
             command: Some(Command::Har(har)),
             ..
         }) => Parsed::Har(har),
+        Ok(Args {
+            command: Some(Command::Replay(replay)),
+            ..
+        }) => Parsed::Replay(replay),
         Ok(args) => match args.into_config() {
             Ok(config) => Parsed::Run(Box::new(config)),
             Err(e) => Parsed::Usage(format!("glance-shim: {}", without_controls(&e.to_string()))),

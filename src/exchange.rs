@@ -291,6 +291,15 @@ pub struct Exchange {
     pub copies: Copies,
     /// Read back from a capture directory (`--capture`), not seen by this process.
     pub from_disk: bool,
+    /// Sent again from the inspector: the request it replays.
+    pub replay_of: Option<ReplayOf>,
+}
+
+/// The request a replay sends again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayOf {
+    pub serial: u64,
+    pub id: String,
 }
 
 /// A finished request's values as plain data: what `capture` writes for it, and reads back.
@@ -353,6 +362,7 @@ impl Exchange {
             version: AtomicU64::new(0),
             copies,
             from_disk: false,
+            replay_of: None,
         }
     }
 
@@ -668,6 +678,7 @@ impl Exchange {
             client = &*self.client.text,
             id_from = self.id_from.as_str(),
             headers,
+            replay_of = self.replay_of.as_ref().map(|r| r.id.as_str()),
             "arrived"
         );
         if let IdFrom::Replaced { why, original } = &self.id_from {

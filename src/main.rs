@@ -13,6 +13,15 @@ use glance_shim::{logging, server, signals};
 fn main() -> ExitCode {
     let config = match cli::parse(std::env::args_os()) {
         Parsed::Run(config) => *config,
+        Parsed::Replay(args) => {
+            return match glance_shim::inspect::client::replay(&args) {
+                Ok(code) => code,
+                Err(err) => {
+                    eprintln!("glance-shim replay: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Parsed::Har(args) => {
             return match glance_shim::inspect::client::har(&args) {
                 Ok(()) => ExitCode::SUCCESS,

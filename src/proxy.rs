@@ -12,13 +12,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http_body_util::BodyExt as _;
 use hyper::body::{Body, Incoming};
 
-use crate::body::{ContinueGate, ContinueSignal, RequestBody, ResponseBody};
+use crate::body::{ContinueGate, ContinueSignal, Inbound, RequestBody, ResponseBody};
 use crate::config::Config;
 use crate::correlation::{self, X_OPENSTACK_REQUEST_ID};
 use crate::error::ProxyError;
-use crate::exchange::{Client, Continue, Exchange, ExchangeGuard, Mark, Outcome};
+use crate::exchange::{Client, Continue, Exchange, ExchangeGuard, Mark, Outcome, ReplayOf};
 use crate::headers;
 use crate::inflight::Registry;
 use crate::keepalive::Serving;
@@ -70,6 +71,43 @@ impl Proxy {
         serving: Serving,
         req: Request<Incoming>,
     ) -> Response<ResponseBody> {
+        self.serve(client, serving, req.map(Inbound::Client), None)
+            .await
+    }
+
+    /// Sends a request again, as a replay of `of`, through the same path as a client's request: a
+    /// new id, the log, the inspector, the stall notices, the upstream. Returns the new request's
+    /// serial number and id once it is registered; the response is read to its end meanwhile.
+    pub async fn replay(
+        self: &Arc<Self>,
+        client: Arc<Client>,
+        req: Request<Option<Bytes>>,
+        of: ReplayOf,
+    ) -> (u64, String) {
+        let (opened, told) = tokio::sync::oneshot::channel();
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let serving = crate::keepalive::Clock::new().serve();
+            let req = req.map(Inbound::Replay);
+            let res = proxy.serve(client, serving, req, Some((of, opened))).await;
+            // Read to its end, as a client would: that ends the request, and keeps its body's copy.
+            let mut body = res.into_body();
+            while let Some(frame) = body.frame().await {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        });
+        told.await.unwrap_or_default()
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        client: Arc<Client>,
+        serving: Serving,
+        req: Request<Inbound>,
+        replay: Option<(ReplayOf, tokio::sync::oneshot::Sender<(u64, String)>)>,
+    ) -> Response<ResponseBody> {
         let (mut parts, body) = req.into_parts();
         let assigned = correlation::assign(&mut parts.headers);
         let target = match parts.uri.authority() {
@@ -83,7 +121,7 @@ impl Proxy {
         };
         // As it arrived: a refused request is shown too, and what glance got is derived from it.
         let copies = self.registry.copies(&parts.headers, body.is_end_stream());
-        let exchange = Exchange::new(
+        let mut exchange = Exchange::new(
             self.registry.next_serial(),
             assigned,
             parts.method.clone(),
@@ -91,8 +129,13 @@ impl Proxy {
             client.clone(),
             copies,
         );
+        let (replay_of, opened) = replay.unzip();
+        exchange.replay_of = replay_of;
         let guard = self.registry.open(exchange, serving);
         let exchange = guard.exchange().clone();
+        if let Some(opened) = opened {
+            let _ = opened.send((exchange.serial, exchange.id.clone()));
+        }
         if body.is_end_stream() {
             exchange.request_body_done();
         }

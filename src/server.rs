@@ -181,9 +181,10 @@ impl Server {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let inspector = inspector.and_then(|l| Some((l.local_addr().ok()?, l)));
+        let key = crate::inspect::new_key();
         let inspector_url = inspector
             .as_ref()
-            .map(|(addr, _)| crate::inspect::url(*addr));
+            .map(|(addr, _)| crate::inspect::url(*addr, &key));
         info!(
             listen = %local,
             upstream = %config.upstream,
@@ -201,8 +202,16 @@ impl Server {
                 );
             }
             let listen = listener.local_addr().unwrap_or(addr);
+            match crate::inspect::write_key_file(addr.port(), &key) {
+                Ok(path) => {
+                    debug!(file = %path.display(), "the inspector's key, for glance-shim replay")
+                }
+                Err(e) => {
+                    debug!(error = %e, "the inspector's key was not written for glance-shim replay")
+                }
+            }
             let inspector =
-                crate::inspect::Inspector::new(&config, inspect, listen, proxy.registry.clone());
+                crate::inspect::Inspector::new(&config, inspect, listen, proxy.clone(), key);
             tokio::spawn(Arc::new(inspector).serve(inspect_listener));
         }
         if config.upstream_insecure {

@@ -266,7 +266,9 @@ fn every_command_line_in_the_docs_parses() {
             match glance_shim::cli::parse_args_only(
                 std::iter::once("glance-shim".to_owned()).chain(args),
             ) {
-                glance_shim::cli::Parsed::Run(_) | glance_shim::cli::Parsed::Har(_) => {}
+                glance_shim::cli::Parsed::Run(_)
+                | glance_shim::cli::Parsed::Har(_)
+                | glance_shim::cli::Parsed::Replay(_) => {}
                 other => panic!("{doc}: `{line}` does not parse: {other:?}"),
             }
         }

@@ -1,14 +1,15 @@
-//! Asking a running shim's inspector, for the commands that do: `glance-shim har`.
+//! Asking a running shim's inspector, for the commands that do: `glance-shim har` and
+//! `glance-shim replay`.
 
 use std::path::PathBuf;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::cli::{HarArgs, InspectAt};
+use crate::cli::{HarArgs, InspectAt, ReplayArgs};
 use crate::config::Inspect;
 
 /// Why a command could not get what it asked the running shim for.
@@ -42,6 +43,13 @@ pub enum ClientError {
     },
     #[error("{} is not a directory: give the DIR that --capture wrote to", .0.display())]
     NoCapture(PathBuf),
+    #[error(
+        "no key for the inspector at {0}: give --key (the key= in the inspector's address on \
+         glance-shim's start-up line)"
+    )]
+    NoKey(String),
+    #[error("the key is not a valid field value")]
+    BadKey,
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -86,26 +94,100 @@ fn from_capture(dir: &std::path::Path, filter: &str) -> Result<Vec<u8>, ClientEr
     Ok(serde_json::to_vec(&archive).expect("an archive serialises"))
 }
 
-fn from_inspector(args: &HarArgs) -> Result<Vec<u8>, ClientError> {
-    let addr = match &args.inspector {
-        Some(InspectAt::Off) => return Err(ClientError::Off),
-        Some(InspectAt::At(addr)) => addr.to_string(),
-        None => Inspect::default_on().addr.to_string(),
+/// The inspector's address: `--inspector`, or the default.
+fn inspector_addr(given: &Option<InspectAt>) -> Result<String, ClientError> {
+    match given {
+        Some(InspectAt::Off) => Err(ClientError::Off),
+        Some(InspectAt::At(addr)) => Ok(addr.to_string()),
+        None => Ok(Inspect::default_on().addr.to_string()),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)
+}
+
+/// `glance-shim replay`: asks the running shim to send a request again, then (unless `--no-wait`)
+/// waits for glance's answer and says what it was. Exits 0 when the replay completed.
+pub fn replay(args: &ReplayArgs) -> Result<std::process::ExitCode, ClientError> {
+    let addr = inspector_addr(&args.inspector)?;
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    let key = match &args.key {
+        Some(key) => key.clone(),
+        None => super::key_file(port)
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|k| k.trim().to_owned())
+            .ok_or(ClientError::NoKey(addr.clone()))?,
     };
+    let ask = serde_json::json!({"of": args.of, "token": args.token});
+    runtime()?.block_on(async {
+        let started = call(&addr, "POST", "/api/replay", Some((&key, ask.to_string()))).await?;
+        let started: serde_json::Value = serde_json::from_slice(&started).unwrap_or_default();
+        let (serial, id) = (
+            started["serial"].as_u64().unwrap_or(0),
+            started["id"].as_str().unwrap_or(""),
+        );
+        println!("{id}");
+        eprintln!(
+            "glance-shim replay: {} sent again as {id} (serial {serial})",
+            args.of
+        );
+        if args.no_wait {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        loop {
+            let now = call(&addr, "GET", &format!("/api/requests/{serial}"), None).await?;
+            let now: serde_json::Value = serde_json::from_slice(&now).unwrap_or_default();
+            if now["in_flight"] == false {
+                let status = now["status"].as_u64().unwrap_or(0);
+                let outcome = now["outcome"].as_str().unwrap_or("");
+                eprintln!(
+                    "glance-shim replay: {id}: {status}, {outcome}, {} ms",
+                    now["timings"]["done_ms"].as_f64().unwrap_or(0.0)
+                );
+                if status == 401 {
+                    eprintln!(
+                        "glance-shim replay: glance answered 401: the token has probably expired \
+                         (keystone's tokens last 1 h by default); replay with \
+                         --token \"$(openstack token issue -f value -c id)\""
+                    );
+                }
+                return Ok(match outcome {
+                    "completed" => std::process::ExitCode::SUCCESS,
+                    _ => std::process::ExitCode::FAILURE,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+}
+
+fn from_inspector(args: &HarArgs) -> Result<Vec<u8>, ClientError> {
+    let addr = inspector_addr(&args.inspector)?;
     let mut path = "/api/har".to_owned();
     if let Some(filter) = args.filter.as_deref().filter(|f| !f.trim().is_empty()) {
         path.push_str("?filter=");
         path.extend(form_urlencoded::byte_serialize(filter.as_bytes()));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ClientError::Runtime)?;
-    Ok(runtime.block_on(get(&addr, &path))?.to_vec())
+    Ok(runtime()?
+        .block_on(call(&addr, "GET", &path, None))?
+        .to_vec())
 }
 
-/// `GET path` from the inspector at `addr`: the body of a 200.
-pub async fn get(addr: &str, path: &str) -> Result<Bytes, ClientError> {
+/// `GET path` from the inspector at `addr`, or a `POST` of JSON with its key: the body of a 2xx.
+async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    post: Option<(&str, String)>,
+) -> Result<Bytes, ClientError> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|source| ClientError::Unreachable {
@@ -117,19 +199,33 @@ pub async fn get(addr: &str, path: &str) -> Result<Bytes, ClientError> {
         .await
         .map_err(http)?;
     tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(header::HOST, addr)
-        .body(Empty::<Bytes>::new())
-        .expect("a GET with a valid path");
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, addr);
+    let body = match post {
+        Some((key, json)) => {
+            req = req
+                .header("x-glance-shim-key", key)
+                .header(header::CONTENT_TYPE, "application/json");
+            Bytes::from(json)
+        }
+        None => Bytes::new(),
+    };
+    let req = req.body(Full::new(body)).map_err(|_| ClientError::BadKey)?;
     let res = sender.send_request(req).await.map_err(http)?;
     let status = res.status();
     let body = res.into_body().collect().await.map_err(http)?.to_bytes();
-    if status != StatusCode::OK {
-        // The inspector's errors are JSON with a message; show it as it came.
+    if !status.is_success() {
+        // The inspector's errors are JSON with a message: show the message.
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_owned));
         return Err(ClientError::Status {
             addr: addr.to_owned(),
             status,
-            text: crate::correlation::printable(&body[..body.len().min(500)]),
+            text: message
+                .unwrap_or_else(|| crate::correlation::printable(&body[..body.len().min(500)])),
         });
     }
     Ok(body)

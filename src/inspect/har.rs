@@ -78,6 +78,9 @@ pub struct Entry {
     /// Read back from a capture directory rather than seen by the shim that wrote the archive.
     #[serde(rename = "_from_disk", skip_serializing_if = "std::ops::Not::not")]
     pub from_disk: bool,
+    /// A replay: the id of the request it sent again.
+    #[serde(rename = "_replay_of", skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<String>,
     #[serde(rename = "_error", skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -279,6 +282,7 @@ pub fn entry(e: &Exchange, cx: &Context) -> Entry {
         in_flight: summary.in_flight,
         client: e.client.text.to_string(),
         from_disk: e.from_disk,
+        replay_of: e.replay_of.as_ref().map(|r| r.id.clone()),
         error: e.error().map(str::to_owned),
     }
 }

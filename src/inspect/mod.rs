@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod har;
+pub mod replay;
 mod stream;
 pub mod view;
 
@@ -28,6 +29,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -44,6 +46,9 @@ use crate::inflight::Registry;
 
 /// The page: one document, its style and script inline.
 const PAGE: &str = include_str!("page.html");
+
+/// The largest replay description read (an edited body is in it).
+const REPLAY_ASK_MAX: usize = 16 << 20;
 
 /// Connections the inspector serves at once; more wait to be accepted.
 const MAX_CONNECTIONS: usize = 64;
@@ -71,13 +76,58 @@ pub fn bind(inspect: &Inspect) -> Result<Option<TcpListener>, StartError> {
 }
 
 /// The inspector's URL for a listener bound at `addr`.
-pub fn url(addr: SocketAddr) -> String {
-    format!("http://{addr}/")
+/// The page's address, with the per-run key that lets it replay requests (as Jupyter prints its
+/// token): whoever can read the start-up line may replay; a page elsewhere cannot.
+pub fn url(addr: SocketAddr, key: &str) -> String {
+    format!("http://{addr}/?key={key}")
+}
+
+/// A new per-run key: 144 random bits, URL-safe.
+pub fn new_key() -> String {
+    let mut bytes = [0u8; 18];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random number generator works");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Where the key of the inspector on `port` is written for `glance-shim replay` to find:
+/// `$XDG_RUNTIME_DIR/glance-shim/`, or else `~/.cache/glance-shim/run/`.
+pub fn key_file(port: u16) -> Option<std::path::PathBuf> {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(run) => std::path::PathBuf::from(run).join("glance-shim"),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/glance-shim/run"),
+    };
+    Some(dir.join(format!("inspector-{port}.key")))
+}
+
+/// Writes the key for `glance-shim replay` (directory 0700, file 0600).
+pub fn write_key_file(port: u16, key: &str) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = key_file(port).ok_or_else(|| std::io::Error::other("no XDG_RUNTIME_DIR or HOME"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(key.as_bytes())?;
+    Ok(path)
 }
 
 /// What the inspector serves from.
 pub struct Inspector {
     registry: Arc<Registry>,
+    /// Where replays are sent from.
+    proxy: Arc<crate::proxy::Proxy>,
+    /// The per-run key every write needs (`x-glance-shim-key`).
+    key: String,
     shim: ShimInfo,
     stall_after: Option<Duration>,
     /// How clients reach the shim, for the fields glance got.
@@ -104,10 +154,13 @@ impl Inspector {
         config: &Config,
         inspect: &Inspect,
         listen: SocketAddr,
-        registry: Arc<Registry>,
+        proxy: Arc<crate::proxy::Proxy>,
+        key: String,
     ) -> Inspector {
         Inspector {
-            registry,
+            registry: proxy.registry.clone(),
+            proxy,
+            key,
             shim: ShimInfo {
                 listen: listen.to_string(),
                 upstream: config.upstream.to_string(),
@@ -163,7 +216,7 @@ impl Inspector {
                 let _slot = slot;
                 let service = service_fn(move |req| {
                     let (inspector, own) = (inspector.clone(), own.clone());
-                    async move { Ok::<_, Infallible>(inspector.handle(&req, &own).await) }
+                    async move { Ok::<_, Infallible>(inspector.handle(req, &own, peer).await) }
                 });
                 if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
                     debug!(client = %peer, error = %e, "an inspector connection ended with an error");
@@ -172,8 +225,14 @@ impl Inspector {
         }
     }
 
-    async fn handle(self: &Arc<Self>, req: &Request<Incoming>, own: &str) -> Response<Out> {
-        let mut res = self.route(req, own).await;
+    async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        own: &str,
+        peer: SocketAddr,
+    ) -> Response<Out> {
+        let head = req.method() == Method::HEAD;
+        let mut res = self.route(req, own, peer).await;
         let h = res.headers_mut();
         h.insert(header::CONTENT_SECURITY_POLICY, self.csp.clone());
         h.insert(
@@ -187,24 +246,38 @@ impl Inspector {
         h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
         h.entry(header::CACHE_CONTROL)
             .or_insert(HeaderValue::from_static("no-store"));
-        if req.method() == Method::HEAD {
+        if head {
             *res.body_mut() = Out::empty();
         }
         res
     }
 
-    async fn route(self: &Arc<Self>, req: &Request<Incoming>, own: &str) -> Response<Out> {
-        if let Err(why) = self.check_origin(req, own) {
+    async fn route(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        own: &str,
+        peer: SocketAddr,
+    ) -> Response<Out> {
+        if let Err(why) = self.check_origin(&req, own) {
             return error(StatusCode::FORBIDDEN, &why);
         }
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            let mut res = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "the inspector only shows: GET and HEAD",
-            );
+        let writes = req.uri().path() == "/api/replay";
+        let allowed = match writes {
+            true => req.method() == Method::POST,
+            false => req.method() == Method::GET || req.method() == Method::HEAD,
+        };
+        if !allowed {
+            let (allow, why) = match writes {
+                true => ("POST", "a replay is a POST"),
+                false => ("GET, HEAD", "the inspector only shows here: GET and HEAD"),
+            };
+            let mut res = error(StatusCode::METHOD_NOT_ALLOWED, why);
             res.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
             return res;
+        }
+        if writes {
+            return self.replay(req, peer).await;
         }
         let path = req.uri().path();
         let query = req.uri().query().unwrap_or("");
@@ -338,6 +411,91 @@ impl Inspector {
             all.len()
         );
         har::archive(&all, &cx, Some(comment))
+    }
+
+    /// `POST /api/replay`: checks the key and the body, then sends the request again through the
+    /// proxy. Answers 202 with the new request's serial number and id, once it is registered.
+    async fn replay(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Out> {
+        let given = req
+            .headers()
+            .get("x-glance-shim-key")
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        // In constant time: the key is the only thing standing between a local process and a replay.
+        let matches = given.len() == self.key.len()
+            && given
+                .iter()
+                .zip(self.key.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !matches {
+            return error(
+                StatusCode::FORBIDDEN,
+                "a replay needs the inspector's key (x-glance-shim-key): open the inspector from the \
+                 address in glance-shim's start-up line, which carries it",
+            );
+        }
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.trim().starts_with("application/json"));
+        if !json {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "a replay is asked for in JSON (Content-Type: application/json)",
+            );
+        }
+        let body = match http_body_util::Limited::new(req.into_body(), REPLAY_ASK_MAX)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the replay's description could not be read whole: {e}"),
+                );
+            }
+        };
+        let ask: replay::Ask = match serde_json::from_slice(&body) {
+            Ok(ask) => ask,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("not a replay: {e}")),
+        };
+        let Some(original) = self.find(&ask.of) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no request {} is kept (it may have been pushed out: --inspect-keep)",
+                    ask.of
+                ),
+            );
+        };
+        let req = match replay::build(&original, &ask) {
+            Ok(req) => req,
+            Err(refused) => {
+                return error(
+                    refused.status,
+                    &format!(
+                        "request {} is not replayed: {}",
+                        original.id, refused.message
+                    ),
+                );
+            }
+        };
+        let of = crate::exchange::ReplayOf {
+            serial: original.serial,
+            id: original.id.clone(),
+        };
+        let (serial, id) = self
+            .proxy
+            .replay(crate::exchange::Client::new(peer), req, of)
+            .await;
+        let body = serde_json::json!({"serial": serial, "id": id, "replay_of": original.serial});
+        respond(
+            StatusCode::ACCEPTED,
+            "application/json",
+            Bytes::from(body.to_string()),
+        )
     }
 
     /// A request by serial number, or the newest with this request id.

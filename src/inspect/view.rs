@@ -65,6 +65,9 @@ pub struct Summary<'a> {
     pub expect_100: Option<&'static str>,
     /// Read back from a capture directory (`--capture`) when the shim started.
     pub from_disk: bool,
+    /// A replay: the serial number and id of the request it sends again.
+    pub replay_of: Option<u64>,
+    pub replay_of_id: Option<&'a str>,
 }
 
 /// When each moment came, in milliseconds after arrival.
@@ -134,6 +137,8 @@ pub fn summary<'a>(e: &'a Exchange, cx: &Context) -> Summary<'a> {
         error: e.error(),
         expect_100: e.expect().map(Continue::as_str),
         from_disk: e.from_disk,
+        replay_of: e.replay_of.as_ref().map(|r| r.serial),
+        replay_of_id: e.replay_of.as_ref().map(|r| r.id.as_str()),
     }
 }
 

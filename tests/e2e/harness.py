@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -435,7 +436,8 @@ class Shim:
     def api(self, path):
         """GET `path` from the shim's inspector -> (parsed JSON, the body as text)."""
         listening = self.wait_for("the listening line", lambda l: l.get("message") == "listening")
-        url = listening["inspector"].rstrip("/") + path
+        base = urllib.parse.urlsplit(listening["inspector"])
+        url = f"{base.scheme}://{base.netloc}{path}"
         with urllib.request.urlopen(url, timeout=20) as r:
             text = r.read().decode()
         return json.loads(text), text

@@ -35,6 +35,8 @@ pub struct Shim {
     pub addr: SocketAddr,
     /// The inspector's address, from the listening line (None when it is off).
     pub inspector: Option<SocketAddr>,
+    /// The inspector's per-run key, from the same line.
+    pub key: Option<String>,
     log: Arc<LogLines>,
 }
 
@@ -47,6 +49,11 @@ impl Shim {
     /// Starts the shim listening on 127.0.0.1:0 in front of `upstream`, with extra flags, and waits
     /// for its "listening" line.
     pub async fn start(upstream: &str, extra: &[&str]) -> Shim {
+        Shim::start_with_env(upstream, extra, &[]).await
+    }
+
+    /// The same, with environment additions (an empty value removes a variable).
+    pub async fn start_with_env(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Shim {
         let mut args = vec![
             "--listen",
             "127.0.0.1:0",
@@ -56,15 +63,19 @@ impl Shim {
             "json",
         ];
         args.extend_from_slice(extra);
-        let mut shim = Shim::spawn(&args, &[]);
+        let mut shim = Shim::spawn(&args, env);
         let line = shim
             .wait_for("the listening line", |l| msg(l) == "listening")
             .await;
         shim.addr = line["listen"].as_str().unwrap().parse().unwrap();
         shim.inspector = line["inspector"].as_str().map(|url| {
-            let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+            let hostport = url.trim_start_matches("http://").split('/').next().unwrap();
             hostport.parse().unwrap()
         });
+        shim.key = line["inspector"]
+            .as_str()
+            .and_then(|url| url.split_once("?key="))
+            .map(|(_, key)| key.to_owned());
         shim
     }
 
@@ -126,6 +137,7 @@ impl Shim {
             child: Some(child),
             addr: "127.0.0.1:0".parse().unwrap(),
             inspector: None,
+            key: None,
             log,
         }
     }
@@ -266,6 +278,11 @@ pub fn shim_command() -> Command {
         }
     }
     cmd.env("GLANCE_SHIM_INSPECT", "127.0.0.1:0");
+    // Where the shim writes its inspector's key: not the user's own runtime directory.
+    cmd.env(
+        "XDG_RUNTIME_DIR",
+        std::env::temp_dir().join("glance-shim-tests-run"),
+    );
     cmd
 }
 
