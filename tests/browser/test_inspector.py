@@ -82,12 +82,18 @@ class Glance(BaseHTTPRequestHandler):
             n -= len(self.rfile.read(min(n, 1 << 16)) or b"x" * n)
         path = urllib.parse.urlsplit(self.path).path
         rid = self.headers.get("X-OpenStack-Request-ID") or f"req-{uuid.uuid4()}"
+        self.server.seen.append((self.command, path, {k.lower(): v for k, v in self.headers.items()}))
         status, ctype, data = 200, "application/json", None
-        if path.startswith("/v2/images/held"):
+        if path.startswith("/v2/images/held") and self.headers.get("X-Auth-Token") == "expired":
+            status, payload = 401, {"error": {"code": 401, "title": "Unauthorized",
+                                              "message": "The request you have made requires authentication."}}
+        elif path.startswith("/v2/images/held"):
             self.server.held_seen.set()
             self.server.release.wait(120)
             payload = {"id": "held", "name": "cirros-0.6.2-x86_64-disk", "status": "active",
                        "disk_format": "qcow2", "visibility": "public", "size": 21430272}
+            if self.headers.get("X-Debug"):
+                payload["debug"] = self.headers["X-Debug"]
         elif path.endswith("/members"):
             self.close_connection = True
             return
@@ -127,6 +133,7 @@ def start_glance():
     srv.daemon_threads = True
     srv.release = threading.Event()
     srv.held_seen = threading.Event()
+    srv.seen = []
     threading.Thread(target=srv.serve_forever, name="fake-glance", daemon=True).start()
     return srv
 
@@ -503,6 +510,47 @@ def browse(args, shim, glance, browser, senders):
     check("7. unfiltered, every request, glance's ids, no secret, valid HAR 1.2",
           not found and not leaked and len(ids) == every and all(i.startswith("req-") for i in ids),
           "; ".join(found[:3]) or f"{len(ids)} ids; leaked {leaked}")
+
+    # 8. replay: edit a field, send it again, compare; a 401 asks for a fresh token
+    page.fill("#filter", "")
+    page.locator("#recent tr.row", has_text="/v2/images/held").first.click()
+    wait_for(lambda: page.locator("#d-reqh tr").count() > 0, 3)
+    check("8. the page took the key from its address and dropped it from the address bar",
+          "key=" not in page.url and not page.locator("#replay").is_disabled(), page.url)
+    before = len(glance.seen)
+    page.click("#edit-replay")
+    heads = page.input_value("#e-headers")
+    page.fill("#e-headers", heads + "\nX-Debug: from-the-page")
+    page.click("#e-send")
+    sent = wait_for(lambda: "sent again as req-" in page.inner_text("#replay-note"), 5)
+    new_id = page.inner_text("#replay-note").rsplit(" ", 1)[-1]
+    got = [h for (m, p, h) in glance.seen[before:] if p == "/v2/images/held"]
+    check("8. 'edit and replay' sends the edited field with the original token and a new id",
+          sent and len(got) == 1 and got[0].get("x-debug") == "from-the-page"
+          and got[0].get("x-auth-token") == TOKEN and got[0].get("x-openstack-request-id") == new_id,
+          f"{page.inner_text('#replay-note')!r}; glance got {[(h.get('x-debug'), h.get('x-openstack-request-id')) for h in got]}")
+    shown = wait_for(lambda: page.locator("#compare").is_visible() and "/debug" in page.inner_text("#cmp"), 5)
+    check("8. the replay is shown beside the original: status and the JSON difference marked",
+          shown and "replay of" in page.inner_text("#d-summary"), page.inner_text("#cmp")[:200].replace("\n", " | "))
+    page.screenshot(path=str(OUT / "replay.png"))
+    page.click("#edit-replay")
+    heads = page.input_value("#e-headers")
+    page.fill("#e-headers", re.sub(r"(?im)^x-auth-token:.*$", "X-Auth-Token: expired", heads))
+    page.click("#e-send")
+    asked = wait_for(lambda: page.locator("#expired").is_visible() and "401" in page.inner_text("#expired"), 5)
+    check("8. a 401 says the token has probably expired and asks for a fresh one", asked,
+          page.inner_text("#expired")[:120] if asked else page.inner_text("#replay-note"))
+    before = len(glance.seen)
+    page.fill("#x-token", "fresh-token-from-the-page")
+    page.click("#x-send")
+    wait_for(lambda: any(p == "/v2/images/held" for (m, p, h) in glance.seen[before:]), 5)
+    got = [h for (m, p, h) in glance.seen[before:] if p == "/v2/images/held"]
+    check("8. the fresh token is sent, and the replay gets 200",
+          len(got) == 1 and got[0].get("x-auth-token") == "fresh-token-from-the-page"
+          and wait_for(lambda: page.inner_text("#d-summary").split("\n")[1].strip() == "200", 5),
+          page.inner_text("#d-summary")[:80].replace("\n", " | "))
+    leaks = [s for s in (TOKEN, PASSWORD, "fresh-token-from-the-page") if s in page.content()]
+    check("8. no token is in the page after replays", not leaks, str(leaks))
 
     # 5. a clean console and no request anywhere but the inspector
     time.sleep(0.3)
