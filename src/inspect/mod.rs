@@ -1,8 +1,9 @@
 //! The inspector: a page that shows every request live, and the JSON API it reads, on their own
 //! loopback port (`--inspect`, by default 127.0.0.1:9293).
 //!
-//! It reads the records the proxy keeps (`inflight`, `kept`, `events`) and nothing else, and changes
-//! nothing: only GET and HEAD are served. What it serves is guarded:
+//! It reads the records the proxy keeps (`inflight`, `kept`, `events`) and nothing else. Its one write
+//! is a replay (`POST /api/replay`), which needs the per-run key the start-up line's address carries.
+//! What it serves is guarded:
 //! - a request whose `Host` (or `Origin`) names anything but localhost or the inspector's own address
 //!   is refused, so a web page elsewhere cannot read it through DNS rebinding;
 //! - no CORS header is ever sent;
@@ -10,8 +11,9 @@
 //!   its own origin;
 //! - secrets are masked before they leave the process (see `view`).
 //!
-//! - `view`: records as JSON. `stream`: the event stream. `page.html`: the page, one document with
-//!   its CSS and plain JavaScript, embedded at build time.
+//! - `view`: records as JSON. `stream`: the event stream. `har`: HAR 1.2. `replay`: a kept request
+//!   made again. `client`: what `glance-shim har` and `glance-shim replay` ask with. `page.html`: the
+//!   page, one document with its CSS and plain JavaScript, embedded at build time.
 
 pub mod client;
 pub mod har;

@@ -189,7 +189,7 @@ fn original_body(e: &Exchange) -> Result<Option<Bytes>, Refused> {
         Some(k) => Err(refuse(
             StatusCode::CONFLICT,
             format!(
-                "its {} body was streamed, not kept (the first {} were): raise --inspect-body, \
+                "its {} body was streamed, not kept (only its first {} were): raise --inspect-body, \
                  or --capture-body with --capture, to replay requests of this size",
                 bytesize::ByteSize(size).display().iec(),
                 bytesize::ByteSize(k.bytes.len() as u64).display().iec(),

@@ -25,8 +25,8 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (CLEAN_ENV, SHIM, Apache, Glance, Shim, Stack, apache_snippet, free_port,  # noqa: E402
-                     venv)
+from harness import (CLEAN_ENV, ROOT, SHIM, Apache, Glance, Shim, Stack, apache_snippet, free_port,  # noqa: E402
+                     venv, wait_until)
 
 MIB = int(os.environ.get("E2E_MIB", "50"))
 BIG_GIB = float(os.environ.get("E2E_BIG_GIB", "2"))
@@ -293,6 +293,72 @@ def inspector_shows(shim, glance, label):
           f"{label}: the inspector never serves the token ({len(tokens)} masked X-Auth-Token headers)")
 
 
+def capture_replay_har(c, shim, glance, capture, tmp, label):
+    """`openstack image set --property` is captured; replayed with an edited body it sets the edited
+    property under a new id glance logs; a 64 MiB upload's replay is refused with the reason; the
+    session's HAR validates and carries glance's ids."""
+    created = json.loads(c.osc("image", "create", "e2e-replay", "--disk-format", "raw",
+                               "--container-format", "bare", "-f", "json").stdout)
+    image = created["id"]
+    c.osc("image", "set", "--property", "k=v", image)
+    target = f"/v2/images/{image}"
+
+    def captured():
+        lines = []
+        for name in sorted(os.listdir(capture)):
+            with open(os.path.join(capture, name)) as f:
+                lines += [json.loads(line) for line in f if line.strip()]
+        return lines
+    wait_until("the PATCH in the capture", lambda: any(
+        l["method"] == "PATCH" and l["target"] == target for l in captured()), 10)
+    patch = [l for l in captured() if l["method"] == "PATCH" and l["target"] == target][-1]
+    check(patch["status"] == 200 and "e2e-token" not in json.dumps(patch),
+          f"{label}: `openstack image set --property k=v` is captured (200), its token masked")
+    mode = os.stat(capture).st_mode & 0o777
+    check(mode == 0o700, f"{label}: the capture directory is 0700 ({mode:o})")
+
+    listed, _ = shim.api("/api/requests")
+    original = [r for r in listed["recent"] if r["method"] == "PATCH" and r["target"] == target][0]
+    edited = json.dumps([{"op": "replace", "path": "/k", "value": "edited"}])
+    status, started = shim.replay({"of": str(original["serial"]), "body": edited})
+    check(status == 202, f"{label}: the PATCH is replayed with an edited body ({status} {started})")
+    new_id = started["id"]
+    wait_until("the replay's completion", lambda: any(
+        l.get("message") == "completed" and l.get("id") == new_id for l in shim.lines()), 30)
+    done = [l for l in shim.lines() if l.get("message") == "completed" and l.get("id") == new_id][-1]
+    check(done["status"] == 200 and new_id != original["id"],
+          f"{label}: the replay completed with 200 under a new id {new_id}")
+    check(new_id in glance.log_text(), f"{label}: glance's log shows the replay's id {new_id}")
+    shown = json.loads(c.osc("image", "show", image, "-f", "json").stdout)
+    props = shown.get("properties") or {}
+    check(props.get("k") == "edited", f"{label}: the image carries the edited property (k={props.get('k')!r})")
+
+    upload = os.path.join(tmp, "64mib.bin")
+    make_payload(upload, 64)
+    big = json.loads(c.osc("image", "create", "e2e-replay-64", "--disk-format", "raw", "--container-format",
+                           "bare", "--file", upload, "-f", "json").stdout)
+    listed, _ = shim.api("/api/requests")
+    put = [r for r in listed["recent"] if r["method"] == "PUT" and r["target"] == f"/v2/images/{big['id']}/file"][0]
+    status, refused = shim.replay({"of": put["id"]})
+    message = refused.get("message", "")
+    check(status == 409 and "its 64.0 MiB body was streamed, not kept" in message and "--capture-body" in message,
+          f"{label}: a replay of the 64 MiB upload is refused with the reason: {message}")
+
+    har = os.path.join(tmp, "session.har")
+    out = subprocess.run([SHIM, "har", capture, "-o", har], capture_output=True, env=CLEAN_ENV)
+    check(out.returncode == 0, f"{label}: glance-shim har DIR writes the session ({out.stderr.decode()[-200:]})")
+    valid = subprocess.run([os.path.join(ROOT, "tests", "har", "run"), har], capture_output=True)
+    check(valid.returncode == 0, f"{label}: the session's HAR validates against the HAR 1.2 schema",
+          (valid.stdout + valid.stderr).decode()[-400:])
+    with open(har) as f:
+        entries = json.load(f)["log"]["entries"]
+    log = glance.log_text()
+    ids = {e["_upstream_request_id"] for e in entries if e.get("_upstream_request_id")}
+    check(new_id in ids and original["id"] in ids and all(i in log for i in (new_id, original["id"])),
+          f"{label}: the HAR carries glance's ids ({len(ids)} of {len(entries)} entries), the replay's "
+          f"and the original's among them")
+
+
 def arrival_before_answer(shim, mark, label):
     """Each completed request's arrival line precedes its completion line."""
     lines = shim.since(mark)
@@ -401,7 +467,9 @@ def gen32(tmp, src, big):
         print(f"\n== glance 32 (eventlet, workers = 0) on {glance.url}", flush=True)
         baseline = run_flows(direct, src, glance.url)
 
-        shim = stack.add(Shim(tmp, "shim32").start(free_port(), glance.port, "--stall-after", f"{STALL_AFTER}s"))
+        capture = os.path.join(tmp, "capture32")
+        shim = stack.add(Shim(tmp, "shim32").start(free_port(), glance.port, "--stall-after", f"{STALL_AFTER}s",
+                                                   "--capture", capture))
         print(f"\n== client -> glance-shim {shim.url} -> glance", flush=True)
         mark = shim.mark()
         c = Client(32, shim.url, tmp)
@@ -417,6 +485,8 @@ def gen32(tmp, src, big):
         same_as_direct(baseline, run_flows(Client(32, card.url, tmp), src, card.url), "Apache -> shim")
         check_correlation(shim, mark, glance, "Apache -> shim")
         inspector_shows(shim, glance, "Apache -> shim")
+        print("\n== capture, replay with an edited body, HAR (Apache -> shim)", flush=True)
+        capture_replay_har(Client(32, card.url, tmp), shim, glance, capture, tmp, "Apache -> shim")
 
         takeover_port = free_port()
         apache = stack.add(Apache(os.path.join(tmp, "a32t")).start(free_port(), takeover_port))

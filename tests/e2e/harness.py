@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -441,6 +442,19 @@ class Shim:
         with urllib.request.urlopen(url, timeout=20) as r:
             text = r.read().decode()
         return json.loads(text), text
+
+    def replay(self, ask):
+        """POST /api/replay with the inspector's key from the start-up line -> (status, parsed JSON)."""
+        listening = self.wait_for("the listening line", lambda l: l.get("message") == "listening")
+        base = urllib.parse.urlsplit(listening["inspector"])
+        key = urllib.parse.parse_qs(base.query)["key"][0]
+        req = urllib.request.Request(f"{base.scheme}://{base.netloc}/api/replay", data=json.dumps(ask).encode(),
+                                     headers={"Content-Type": "application/json", "X-Glance-Shim-Key": key})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
 
     def mark(self):
         """A position in the log: lines after it belong to what happens next."""
