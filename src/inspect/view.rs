@@ -311,6 +311,14 @@ pub enum Safe<'a> {
 /// nothing in it is secret); any other bytes are left out if they contain, in any case, `password`,
 /// `token`, `secret` or `credential`, and are kept as they are otherwise.
 pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[String]) -> Safe<'a> {
+    let holds = |s: &String| memchr::memmem::find(&kept.bytes, s.as_bytes()).is_some();
+    let named = names_a_secret(&kept.bytes);
+    // Nothing to mask without a word that names a secret, or a secret's value, in the bytes (and no
+    // `\u` escape that could spell one): the bytes go as they are, unparsed. Most bodies are this.
+    let escaped = memchr::memmem::find(&kept.bytes, b"\\u").is_some();
+    if !named && !escaped && !secrets.iter().any(holds) {
+        return Safe::Bytes(&kept.bytes);
+    }
     let is_json = content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"));
     if kept.complete
         && is_json
@@ -324,8 +332,7 @@ pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[Strin
             false => Safe::Masked(json.to_string().into_bytes()),
         };
     }
-    let holds = |s: &String| kept.bytes.windows(s.len()).any(|w| w == s.as_bytes());
-    match names_a_secret(&kept.bytes) || secrets.iter().any(holds) {
+    match named || secrets.iter().any(holds) {
         true => Safe::Withheld,
         false => Safe::Bytes(&kept.bytes),
     }
@@ -377,7 +384,7 @@ fn names_a_secret(bytes: &[u8]) -> bool {
     let lower = bytes.to_ascii_lowercase();
     [&b"password"[..], b"token", b"secret", b"credential"]
         .iter()
-        .any(|word| lower.windows(word.len()).any(|w| w == *word))
+        .any(|word| memchr::memmem::find(&lower, word).is_some())
 }
 
 /// True for a JSON field name whose value is a secret.
