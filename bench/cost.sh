@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/cost.sh [SECONDS] [CONNS] - CPU cost of the shim per small request (user and system µs), which
 # is steadier than req/s on a shared machine: the shim's own CPU time divided by the requests it served.
-# Extra shim flags go in SHIM_ARGS; SHIM_ENV is prefixed to its command line (e.g. RUST_LOG=off).
+# Extra shim flags go in SHIM_ARGS; SHIM_ENV is prefixed to its command line (e.g. RUST_LOG=off);
+# CAPTURE=1 adds --capture in a fresh directory of the run's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5} conns=${2:-16}
@@ -14,7 +15,9 @@ $T/examples/bench-upstream "$up_port" & up=$!
 # The inspector on a port of its own unless SHIM_ARGS says otherwise (the default port may be taken).
 inspect="--inspect 127.0.0.1:$(free_port)"
 case "${SHIM_ARGS:-}" in *--inspect\ *) inspect= ;; esac
-env ${SHIM_ENV:-} ${SHIM_BIN:-$T/glance-shim} --listen "$shim_port" --upstream "$up_port" --log-file "$tmp/shim.log" $inspect ${SHIM_ARGS:-} & shim=$!
+capture=
+[ -n "${CAPTURE:-}" ] && capture="--capture $tmp/capture"
+env ${SHIM_ENV:-} ${SHIM_BIN:-$T/glance-shim} --listen "$shim_port" --upstream "$up_port" --log-file "$tmp/shim.log" $inspect $capture ${SHIM_ARGS:-} & shim=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$shim_port) 2>/dev/null && break; sleep 0.05; done
 wrk -t2 -c"$conns" -d1s "http://127.0.0.1:$shim_port/small" >/dev/null
 tck=$(getconf CLK_TCK)

@@ -11,6 +11,7 @@
 //! Moving bytes is `body`'s business and choosing what to answer is `proxy`'s; nothing here does I/O
 //! but logging.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -302,27 +303,34 @@ pub struct ReplayOf {
     pub id: String,
 }
 
-/// A finished request's values as plain data: what `capture` writes for it, and reads back.
+/// A finished request's values as plain data: what `capture` writes for it (borrowed from the
+/// record), and reads back (owned). Fields that are absent are left out of the line.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Saved {
-    pub id: String,
-    pub id_from: String,
-    pub method: String,
-    pub target: String,
-    pub client: String,
+pub struct Saved<'a> {
+    pub id: Cow<'a, str>,
+    pub id_from: Cow<'a, str>,
+    pub method: Cow<'a, str>,
+    pub target: Cow<'a, str>,
+    pub client: Cow<'a, str>,
     /// RFC 3339, to the microsecond.
     pub arrived_at: String,
     /// Microseconds after arrival of each [`Mark`], in its order.
     pub marks_us: [Option<u64>; 5],
     pub bytes_in: u64,
     pub bytes_out: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
-    pub upstream_id: Option<String>,
-    pub outcome: Option<String>,
-    pub ended_in: String,
-    pub error: Option<String>,
-    pub expect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_id: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Cow<'a, str>>,
+    pub ended_in: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Cow<'a, str>>,
 }
 
 impl Exchange {
@@ -367,13 +375,13 @@ impl Exchange {
     }
 
     /// The values of this record, to be written down.
-    pub fn saved(&self) -> Saved {
+    pub fn saved(&self) -> Saved<'_> {
         Saved {
-            id: self.id.clone(),
-            id_from: self.id_from.as_str().to_owned(),
-            method: self.method.as_str().to_owned(),
-            target: self.target.clone(),
-            client: self.client.text.to_string(),
+            id: Cow::Borrowed(&self.id),
+            id_from: Cow::Borrowed(self.id_from.as_str()),
+            method: Cow::Borrowed(self.method.as_str()),
+            target: Cow::Borrowed(&self.target),
+            client: Cow::Borrowed(&self.client.text),
             arrived_at: humantime::format_rfc3339_micros(self.arrived_at).to_string(),
             marks_us: std::array::from_fn(|i| {
                 Some(self.marks[i].load(Ordering::Relaxed)).filter(|&us| us != UNSET)
@@ -382,17 +390,17 @@ impl Exchange {
             bytes_out: self.bytes_out(),
             status: self.status(),
             upstream_status: self.upstream_status(),
-            upstream_id: self.upstream_id().map(str::to_owned),
-            outcome: self.outcome().map(|o| o.as_str().to_owned()),
-            ended_in: self.ended_in().as_str().to_owned(),
-            error: self.error().map(str::to_owned),
-            expect: self.expect().map(|c| c.as_str().to_owned()),
+            upstream_id: self.upstream_id().map(Cow::Borrowed),
+            outcome: self.outcome().map(|o| Cow::Borrowed(o.as_str())),
+            ended_in: Cow::Borrowed(self.ended_in().as_str()),
+            error: self.error().map(Cow::Borrowed),
+            expect: self.expect().map(|c| Cow::Borrowed(c.as_str())),
         }
     }
 
     /// A record made again from `saved` (marked as from disk), under this process's `serial`; what
     /// does not parse is named in the error.
-    pub fn restore(serial: u64, saved: Saved, copies: Copies) -> Result<Exchange, String> {
+    pub fn restore(serial: u64, saved: Saved<'_>, copies: Copies) -> Result<Exchange, String> {
         let arrived_at = humantime::parse_rfc3339(&saved.arrived_at)
             .map_err(|e| format!("arrived_at '{}': {e}", saved.arrived_at))?;
         let method = Method::from_bytes(saved.method.as_bytes())
@@ -412,18 +420,18 @@ impl Exchange {
             .duration_since(arrived_at)
             .unwrap_or_default();
         let arrived = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
-        let id_from = match saved.id_from.as_str() {
+        let id_from = match &*saved.id_from {
             "client" => IdFrom::Client,
             _ => IdFrom::Shim,
         };
         let mut e = Exchange::new(
             serial,
             Assigned {
-                id: saved.id,
+                id: saved.id.into_owned(),
                 from: id_from,
             },
             method,
-            saved.target,
+            saved.target.into_owned(),
             Client::new(client),
             copies,
         );
@@ -439,7 +447,7 @@ impl Exchange {
         e.upstream_status
             .store(saved.upstream_status.unwrap_or(0), Ordering::Relaxed);
         if let Some(id) = saved.upstream_id {
-            let _ = e.upstream_id.set(id);
+            let _ = e.upstream_id.set(id.into_owned());
         }
         if let Some(o) = outcome {
             let _ = e.outcome.set(o);
@@ -448,7 +456,7 @@ impl Exchange {
             let _ = e.expect.set(c);
         }
         if let Some(error) = saved.error {
-            let _ = e.error.set(error);
+            let _ = e.error.set(error.into_owned());
         }
         e.ended_in.store(ended_in as u8, Ordering::Relaxed);
         e.phase.store(Phase::Done as u8, Ordering::Relaxed);

@@ -58,6 +58,9 @@ fn decoded(text: &str) -> String {
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         for body in ["request_body", "response_body"] {
+            if let Some(json) = v[body].get("json") {
+                out.push_str(&json.to_string());
+            }
             if let Some(b64) = v[body]["b64"].as_str() {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64)
@@ -133,6 +136,9 @@ async fn a_capture_is_private_masked_and_shown_again_after_a_restart() {
             .any(|h| h[0] == "x-auth-token" && h[1] == "<masked>")
     );
     assert_eq!(line["request_body"]["masked"], true);
+    // A JSON body is written as JSON, for jq and grep.
+    assert_eq!(line["request_body"]["json"][0]["value"], "v");
+    assert_eq!(line["request_body"]["json"][1]["value"], "<masked>");
     drop(first);
 
     // The same directory again: the history is shown, marked as from disk.

@@ -8,6 +8,7 @@
 //! only its size and type are, because its secrets could not be found.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -244,6 +245,9 @@ pub(super) fn sent_fields<'a>(
 fn shown<'a>(name: &str, value: &'a [u8]) -> Cow<'a, str> {
     if is_secret_name(name) {
         Cow::Borrowed(MASKED)
+    } else if value.iter().all(|b| (0x20..0x7f).contains(b)) {
+        // Printable ASCII, as most values are: shown as it is, without a copy.
+        Cow::Borrowed(std::str::from_utf8(value).unwrap_or_default())
     } else {
         Cow::Owned(crate::correlation::printable(value))
     }
@@ -315,7 +319,9 @@ pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[Strin
     let named = names_a_secret(&kept.bytes);
     // Nothing to mask without a word that names a secret, or a secret's value, in the bytes (and no
     // `\u` escape that could spell one): the bytes go as they are, unparsed. Most bodies are this.
-    let escaped = memchr::memmem::find(&kept.bytes, b"\\u").is_some();
+    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
+    let escaped = ESCAPE.find(&kept.bytes).is_some();
     if !named && !escaped && !secrets.iter().any(holds) {
         return Safe::Bytes(&kept.bytes);
     }
@@ -381,10 +387,11 @@ pub fn mask_values(v: &mut Value, secrets: &[String]) {
 
 /// True when `bytes` contain, in any case, a word that names a secret.
 fn names_a_secret(bytes: &[u8]) -> bool {
+    use memchr::memmem::Finder;
+    static WORDS: LazyLock<[Finder<'static>; 4]> =
+        LazyLock::new(|| [b"password", &b"token"[..], b"secret", b"credential"].map(Finder::new));
     let lower = bytes.to_ascii_lowercase();
-    [&b"password"[..], b"token", b"secret", b"credential"]
-        .iter()
-        .any(|word| memchr::memmem::find(&lower, word).is_some())
+    WORDS.iter().any(|word| word.find(&lower).is_some())
 }
 
 /// True for a JSON field name whose value is a secret.

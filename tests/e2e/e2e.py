@@ -314,6 +314,9 @@ def capture_replay_har(c, shim, glance, capture, tmp, label):
     patch = [l for l in captured() if l["method"] == "PATCH" and l["target"] == target][-1]
     check(patch["status"] == 200 and "e2e-token" not in json.dumps(patch),
           f"{label}: `openstack image set --property k=v` is captured (200), its token masked")
+    patch_ops = patch.get("request_body", {}).get("json") or []
+    check(any(op.get("path") == "/k" for op in patch_ops),
+          f"{label}: the JSON-patch body is in the capture as JSON ({patch.get('request_body')})")
     mode = os.stat(capture).st_mode & 0o777
     check(mode == 0o700, f"{label}: the capture directory is 0700 ({mode:o})")
 
