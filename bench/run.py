@@ -7,7 +7,7 @@ Run it through bench/run.sh, which builds and installs what it needs. Figures pe
   MB/s for a large download of a file the upstream reads as glance's file store does, an upload with
   Content-Length and a chunked upload (curl), each checked for its byte count so a proxy that drops
   data cannot look fast; and a download from a synthetic upstream that costs nothing per byte,
-  the proxy's peak RSS.
+  the proxy's CPU per small request (its whole process tree, from /proc), and its peak RSS.
 """
 
 import argparse
@@ -127,6 +127,30 @@ class GlanceShim(Peer):
             start_new_session=True)
         wait_port(port, self.proc)
         return port
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root):
+    """CPU time (user + system) of `root` and every process under it, the children it already
+    reaped included (socat's per-connection processes): what the proxy costs, whatever its shape."""
+    total = 0
+    seen, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 11-14 after the command.
+        total += sum(int(x) for x in fields[11:15])
+        todo.extend(children(pid))
+    return total / TICK
 
 
 def children(pid):
@@ -273,11 +297,12 @@ def wrk(port, conns, seconds, threads=2):
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         lat[pct] = float(m.group(1)) * UNITS[m.group(2)]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     if errors or socket_errors:
         raise RuntimeError(f"wrk saw errors: {out}")
-    return {"rps": rps, "p50_ms": lat["50"], "p99_ms": lat["99"]}
+    return {"rps": rps, "p50_ms": lat["50"], "p99_ms": lat["99"], "requests": requests}
 
 
 def curl_download(port, path, nbytes):
@@ -334,12 +359,17 @@ def one_run(peers, args, upload_file, rotate):
         result = {p.name: {} for p in peers}
         for key, take in metrics(args, upload_file):
             for p in order:
+                root = p.proc.pid if p.proc else None
+                cpu0 = tree_cpu_seconds(root) if root else None
                 value = take(ports[p.name])
                 if isinstance(value, dict):
                     c = key.split("_c")[1]
                     result[p.name][f"rps_c{c}"] = value["rps"]
                     result[p.name][f"p50_ms_c{c}"] = value["p50_ms"]
                     result[p.name][f"p99_ms_c{c}"] = value["p99_ms"]
+                    # The proxy's CPU per request served (wrk's count), in microseconds.
+                    cpu = (tree_cpu_seconds(root) - cpu0) if root else None
+                    result[p.name][f"cpu_us_c{c}"] = cpu / value["requests"] * 1e6 if root else None
                 else:
                     result[p.name][key] = value
         for p in peers:
@@ -480,6 +510,20 @@ def main():
     if "nginx" in med:
         print("\nThe same as ratios to nginx:\n")
         print(table("nginx"))
+    print(f"\nCPU per small request, the proxy's whole process tree (/proc/PID/stat), median of {args.runs} runs:\n")
+    cpu_keys = [f"cpu_us_c{c}" for c in args.connections]
+    head = " | ".join(f"c{c}" for c in args.connections)
+    lines = [f"| peer | {head} |" + (" ratio to nginx |" if "nginx" in med else ""),
+             "|" + "---|" * (len(cpu_keys) + 1 + ("nginx" in med))]
+    for name in med:
+        if name == "no proxy":
+            continue
+        cells = [f"{med[name][k]:.1f} us" if med[name].get(k) is not None else "-" for k in cpu_keys]
+        if "nginx" in med:
+            rs = [ratio(name, k, "nginx") for k in cpu_keys]
+            cells.append(" / ".join("-" if r is None else f"{r:.2f}" for r in rs))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
     print(f"\nglance-shim start-up to listening: {start_ms:.1f} ms (median of 20)")
     if "glance-shim, log off" in med:
         costs = ", ".join(f"{(1 - ratio('glance-shim', f'rps_c{c}', 'glance-shim, log off')) * 100:.1f}% at c{c}"
