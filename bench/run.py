@@ -284,6 +284,69 @@ class Mitmdump(Peer):
         return port
 
 
+def nginx_upstream(workdir, upload_file):
+    """The upstream as nginx with 1 worker, the second harness: the same small JSON answer (taken from
+    bench/upstream.rs) with `return 200`, the large file with sendfile, and an upload location that
+    reads the whole body through a Lua body reader (libnginx-mod-http-lua; a chunked body is read into
+    nginx's temporary file first, as the module cannot stream it) and answers {"bytes": N}.
+    It has no synthetic download. Returns (process, port)."""
+    with open(os.path.join(HERE, "upstream.rs")) as f:
+        small = re.search(r'const SMALL: &\[u8\] = br#"(.*)"#;', f.read()).group(1)
+    port = free_port()
+    d = os.path.join(workdir, "nginx-upstream")
+    os.makedirs(d, exist_ok=True)
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    sendfile on;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        client_max_body_size 0;
+        location = /small {{ default_type application/json; return 200 '{small}'; }}
+        location = /file {{ default_type application/octet-stream; alias {upload_file}; }}
+        location = /upload {{
+            content_by_lua_block {{
+                local n = 0
+                local sock = ngx.req.socket()
+                if sock then
+                    while true do
+                        local data, err, partial = sock:receive(65536)
+                        if data then n = n + #data elseif partial then n = n + #partial end
+                        if not data then break end
+                    end
+                else
+                    -- A chunked body, which this Lua module cannot stream: read whole, then counted.
+                    ngx.req.read_body()
+                    local data = ngx.req.get_body_data()
+                    if data then
+                        n = #data
+                    else
+                        local f = io.open(ngx.req.get_body_file() or "", "rb")
+                        if f then n = f:seek("end"); f:close() end
+                    end
+                end
+                ngx.header["Content-Type"] = "application/json"
+                ngx.print('{{"bytes": ' .. n .. '}}')
+            }}
+        }}
+    }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-p", d, "-c", conf], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, port
+
+
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -339,12 +402,13 @@ def metrics(args, upload_file):
     """Every figure, as (key, function of port) pairs, in the order they are taken."""
     out = []
     for c in args.connections:
-        out.append((f"small_c{c}", lambda port, c=c: wrk(port, c, args.seconds)))
+        out.append((f"small_c{c}", lambda port, c=c: wrk(port, c, args.seconds, args.wrk_threads)))
     out.append(("down_MBps", lambda port: curl_download(port, "/file", args.bytes)))
     out.append(("up_MBps", lambda port: curl_upload(port, upload_file, args.bytes, chunked=False)))
     out.append(("chunked_up_MBps", lambda port: curl_upload(port, upload_file, args.bytes, chunked=True)))
-    out.append(("synthetic_down_MBps",
-                lambda port: curl_download(port, f"/synthetic?bytes={args.bytes}", args.bytes)))
+    if args.upstream_kind == "rust":
+        out.append(("synthetic_down_MBps",
+                    lambda port: curl_download(port, f"/synthetic?bytes={args.bytes}", args.bytes)))
     return out
 
 
@@ -412,12 +476,16 @@ def main():
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per figure")
     ap.add_argument("--bytes", type=int, default=1 << 30, help="size of each large transfer")
     ap.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--wrk-threads", type=int, default=2, help="wrk -t for the small GETs")
     ap.add_argument("--peers", nargs="+", default=PEERS, choices=PEERS, help="proxies to compare")
     ap.add_argument("--shim", default=os.path.join(ROOT, "target/release/glance-shim"))
     ap.add_argument("--build", action="append", default=[], metavar="NAME=PATH",
                     help="another glance-shim binary to measure beside the others, e.g. the build "
                          "before a change (repeatable)")
     ap.add_argument("--upstream", default=os.path.join(ROOT, "target/release/examples/bench-upstream"))
+    ap.add_argument("--upstream-kind", choices=["rust", "nginx"], default="rust",
+                    help="the upstream: bench/upstream.rs, or nginx with 1 worker and a Lua upload reader "
+                         "(the second harness; no synthetic download)")
     ap.add_argument("--mitmdump", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "glance-shim-bench",
         "venv-mitmproxy", "bin", "mitmdump"))
@@ -439,8 +507,11 @@ def main():
         for _ in range(args.bytes >> 20):
             f.write(block)
         f.write(block[: args.bytes % (1 << 20)])
-    upstream = subprocess.Popen([args.upstream, str(upstream_port)], stdout=subprocess.DEVNULL,
-                                env={**os.environ, "BENCH_FILE": upload_file})
+    if args.upstream_kind == "nginx":
+        upstream, upstream_port = nginx_upstream(workdir, upload_file)
+    else:
+        upstream = subprocess.Popen([args.upstream, str(upstream_port)], stdout=subprocess.DEVNULL,
+                                    env={**os.environ, "BENCH_FILE": upload_file})
     make = {
         "glance-shim": lambda: GlanceShim(upstream_port, workdir, args.shim),
         "glance-shim, log off": lambda: GlanceShim(upstream_port, workdir, args.shim, log=False),
@@ -464,7 +535,10 @@ def main():
                 runs[name].append(r)
         start_ms = startup_ms(args.shim)
     finally:
-        upstream.kill()
+        if args.upstream_kind == "nginx":
+            os.killpg(upstream.pid, signal.SIGKILL)
+        else:
+            upstream.kill()
         upstream.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -483,8 +557,8 @@ def main():
 
     cols = [(f"rps_c{c}", f"GET c{c}") for c in args.connections] + \
            [(f"p99_ms_c{args.connections[0]}", f"p99 c{args.connections[0]}"),
-            ("down_MBps", "1 GiB down"), ("up_MBps", "1 GiB up"), ("chunked_up_MBps", "chunked up"),
-            ("synthetic_down_MBps", "synthetic down")]
+            ("down_MBps", "1 GiB down"), ("up_MBps", "1 GiB up"), ("chunked_up_MBps", "chunked up")] + \
+           ([("synthetic_down_MBps", "synthetic down")] if args.upstream_kind == "rust" else [])
 
     def table(base):
         lines = ["| peer | " + " | ".join(c[1] for c in cols) + " | peak RSS |", "|" + "---|" * (len(cols) + 2)]
@@ -504,7 +578,8 @@ def main():
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs. Each figure "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {args.upstream_kind} upstream, median of "
+          f"{args.runs} runs. Each figure "
           f"is a ratio to no proxy in the same run (p99: multiple of no proxy's latency):\n")
     print(table("no proxy"))
     if "nginx" in med:

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # bench/run.sh [run.py options] - build, install the peers and load tools if missing, run the benchmark.
-#   Debian: wrk, curl, nginx, haproxy, socat; PyPI (a venv in ~/.cache/glance-shim-bench): mitmproxy.
+#   Debian: wrk, curl, nginx (and its Lua module), haproxy, socat; PyPI (a venv in ~/.cache/glance-shim-bench): mitmproxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for tool in wrk curl nginx haproxy socat; do
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || need+=("$tool")
 done
+# nginx as the upstream (--upstream-kind nginx) reads uploads with Lua.
+[ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need+=(libnginx-mod-http-lua)
 if ((${#need[@]})); then
     echo "bench: installing ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
