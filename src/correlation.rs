@@ -99,14 +99,14 @@ pub fn assign(headers: &mut HeaderMap) -> Assigned {
         Some(v) if v.len() > MAX_CLIENT_ID_LEN => Some(Replaced::TooLong { len: v.len() }),
         Some(v) => {
             return Assigned {
-                id: printable(v.as_bytes()),
+                id: printable(v.as_bytes()).into_owned(),
                 from: IdFrom::Client,
             };
         }
     };
     let from = match (first, why) {
         (Some(v), Some(why)) => {
-            let mut original = printable(&v.as_bytes()[..v.len().min(100)]);
+            let mut original = printable(&v.as_bytes()[..v.len().min(100)]).into_owned();
             if v.len() > 100 {
                 original.push('…');
             }
@@ -127,10 +127,10 @@ pub fn assign(headers: &mut HeaderMap) -> Assigned {
 }
 
 /// Header bytes as log text: printable ASCII kept, everything else as `\xNN`.
-pub fn printable(bytes: &[u8]) -> String {
+pub fn printable(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     if bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
-        // All printable ASCII: valid UTF-8 by construction.
-        return String::from_utf8_lossy(bytes).into_owned();
+        // All printable ASCII, as most values are: valid UTF-8 by construction, and not copied.
+        return String::from_utf8_lossy(bytes);
     }
     let mut out = String::with_capacity(bytes.len() + 8);
     for &b in bytes {
@@ -140,7 +140,7 @@ pub fn printable(bytes: &[u8]) -> String {
             out.push_str(&format!("\\x{b:02x}"));
         }
     }
-    out
+    out.into()
 }
 
 #[cfg(test)]

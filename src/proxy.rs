@@ -265,7 +265,7 @@ impl Proxy {
         let upstream_id = parts
             .headers
             .get(&X_OPENSTACK_REQUEST_ID)
-            .map(|v| correlation::printable(v.as_bytes()));
+            .map(|v| correlation::printable(v.as_bytes()).into_owned());
         exchange.upstream_answered(parts.status, upstream_id);
         self.registry.answered(exchange, &parts.headers);
         // glance answered before it asked for a body held back for its 100 Continue: the client is

@@ -224,8 +224,9 @@ async fn call(
         return Err(ClientError::Status {
             addr: addr.to_owned(),
             status,
-            text: message
-                .unwrap_or_else(|| crate::correlation::printable(&body[..body.len().min(500)])),
+            text: message.unwrap_or_else(|| {
+                crate::correlation::printable(&body[..body.len().min(500)]).into_owned()
+            }),
         });
     }
     Ok(body)

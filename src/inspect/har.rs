@@ -219,7 +219,7 @@ pub fn entry(e: &Exchange, cx: &Context) -> Entry {
             headers: pairs(view::fields(head)),
             redirect_url: head
                 .get("location")
-                .map(crate::correlation::printable)
+                .map(|v| crate::correlation::printable(v).into_owned())
                 .unwrap_or_default(),
             content: {
                 let b = body(

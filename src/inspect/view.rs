@@ -245,11 +245,8 @@ pub(super) fn sent_fields<'a>(
 fn shown<'a>(name: &str, value: &'a [u8]) -> Cow<'a, str> {
     if is_secret_name(name) {
         Cow::Borrowed(MASKED)
-    } else if value.iter().all(|b| (0x20..0x7f).contains(b)) {
-        // Printable ASCII, as most values are: shown as it is, without a copy.
-        Cow::Borrowed(std::str::from_utf8(value).unwrap_or_default())
     } else {
-        Cow::Owned(crate::correlation::printable(value))
+        crate::correlation::printable(value)
     }
 }
 
