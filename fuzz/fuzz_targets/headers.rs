@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let expected: Vec<String> = map
         .iter()
         .map(|(name, value)| {
-            let shown = if headers::is_secret(name) { "<masked>".to_owned() } else { correlation::printable(value.as_bytes()) };
+            let shown = if headers::is_secret(name) { "<masked>".to_owned() } else { correlation::printable(value.as_bytes()).into_owned() };
             format!("{name}: {shown}")
         })
         .collect();
