@@ -114,9 +114,12 @@ async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
         started.elapsed()
     });
     // Connected and silent: idle, so closed after --idle-timeout, not --header-timeout.
+    // Each clock starts before the step that lets the shim start its own timer, so that the lower
+    // bounds hold however late this task is scheduled after that step.
     let silent = tokio::spawn(async move {
+        let connecting = Instant::now();
         let mut silent = Conn::connect(addr).await;
-        closed_after(&mut silent, Instant::now()).await
+        closed_after(&mut silent, connecting).await
     });
     // Idle after a request, then the next head starts but never ends: timed from its first byte.
     let late = tokio::spawn(async move {
@@ -134,10 +137,13 @@ async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
     // An idle keep-alive connection after one request.
     let idle = tokio::spawn(async move {
         let mut idle = Conn::connect(addr).await;
+        // The shim's idle timer starts when it has written the response, which can be before this
+        // task has read it: the clock starts at the request.
+        let asked = Instant::now();
         idle.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
         let head = idle.read_head().await;
         idle.read_body(&head).await;
-        closed_after(&mut idle, Instant::now()).await
+        closed_after(&mut idle, asked).await
     });
     let slowloris = slowloris.await.unwrap();
     assert!(
