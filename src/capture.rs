@@ -2,19 +2,24 @@
 //! its history survives a restart of the shim. On start the inspector shows it again (marked as from
 //! disk), and `glance-shim har DIR` turns it into a HAR file.
 //!
-//! - One JSON line per request ([`Line`]): the record's values ([`Saved`]) and its kept copies,
-//!   masked as the inspector masks them: secret header values, secret JSON fields, and bytes that
-//!   name a secret which cannot be masked in them are left out. Token values are never written.
-//!   A JSON body is written as it is (`jq .response_body.json` reads it), any other as base64.
-//! - Files are named `capture-<time>-<pid>.jsonl`: a new one at each start, and whenever the current
+//! - One record per request: a JSON line of the record's values ([`Meta`]: those of [`Saved`], and
+//!   the length of each section that follows), then the sections' bytes as they were kept, then a
+//!   newline. The sections are the request's head and the response's head (`name:value` lines,
+//!   as the inspector keeps them) and the first `--capture-body` bytes of each body. Like WARC's
+//!   records, the bytes go as they are: nothing to escape or encode, and `less` reads the heads.
+//! - What is written is masked as the inspector masks it: secret header values, secret JSON fields,
+//!   and bytes that name a secret which cannot be masked in them are left out. Token values are never
+//!   written.
+//! - Files are named `capture-<time>-<pid>.rec`: a new one at each start, and whenever the current
 //!   one passes an eighth of `--capture-max`. While the directory holds more than `--capture-max`,
-//!   its oldest files are removed.
-//! - Each line is written as its request ends, by the thread that ended it: one `write(2)`, which
-//!   puts it in the kernel's hands, so a crash or SIGKILL of the shim loses at most the lines being
-//!   written. While one thread writes, lines that end on others wait for it and go out in its next
-//!   write (one thread writes at a time; nginx writes its access log the same way, from its event
-//!   loop). A line whose bodies are large is built and written on tokio's blocking pool. Read back,
-//!   a torn or corrupt line is reported with its file's name, and the rest is read.
+//!   its oldest files are removed. Files of the first format (`.jsonl`, a JSON line per request)
+//!   are still read.
+//! - Each record is written as its request ends, by the thread that ended it: one `write(2)`, which
+//!   puts it in the kernel's hands, so a crash or SIGKILL of the shim loses at most the records being
+//!   written. While one thread writes, records that end on others wait for it and go out in its
+//!   next write (one thread writes at a time; nginx writes its access log the same way, from its
+//!   event loop). A record whose bodies are large is built and written on tokio's blocking pool.
+//!   Read back, a torn or corrupt record is reported with its file's name, and the rest is read.
 //! - The directory is made 0700 and the files 0600; a directory others can enter is refused.
 
 use std::borrow::Cow;
@@ -33,21 +38,26 @@ use serde_json::value::RawValue;
 use tracing::warn;
 
 use crate::exchange::{Exchange, Saved};
+use crate::headers::{MASKED, is_secret_name_bytes};
 use crate::inspect::view;
 use crate::kept::{Copies, Head, Keeper, KeptBody};
 
-/// Bytes of lines that may wait while another thread writes; past this, lines are left out of the
-/// capture (and counted). One line is always let in.
+/// Bytes of records that may wait while another thread writes; past this, records are left out of
+/// the capture (and counted). One record is always let in.
 const WAITING: usize = 8 << 20;
 
-/// Bytes of bodies past which a line is built and written on tokio's blocking pool.
+/// Bytes of bodies past which a record is built and written on tokio's blocking pool.
 const INLINE: usize = 256 << 10;
 
-/// The largest line buffer a thread keeps for its next line.
+/// The largest buffer a thread keeps for its next record.
 const KEEP: usize = 1 << 20;
 
-/// The format's version, in every line.
-const VERSION: u32 = 1;
+/// The format's version, in every record's first line.
+const VERSION: u32 = 2;
+
+/// The extension of the files written, and of those of the first format (still read).
+const EXTENSION: &str = "rec";
+const EXTENSION_V1: &str = "jsonl";
 
 /// Why the capture directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -57,150 +67,348 @@ pub struct CaptureError {
     pub why: String,
 }
 
-/// One request as written (borrowed from its record) or read back (owned): its values, and what
-/// was kept of its heads and bodies.
+/// A record's first line: the request's values, and the length of each section after it.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Line<'a> {
-    pub v: u32,
+struct Meta<'a> {
+    v: u32,
     #[serde(flatten)]
-    pub saved: Saved<'a>,
-    /// `[name, value]` pairs as they arrived, secret values masked.
-    pub request_head: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
-    pub response_head: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
-    pub request_body: Option<BodyLine<'a>>,
-    pub response_body: Option<BodyLine<'a>>,
+    saved: Saved<'a>,
+    /// Bytes of the request's head (`name:value` lines, secret values masked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_head: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response_head: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_body: Option<BodyMeta<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response_body: Option<BodyMeta<'a>>,
 }
 
-/// What was kept of a body: a JSON body as it is (`json`, byte for byte), any other as `b64`.
+/// What was kept of a body, besides its bytes.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct BodyLine<'a> {
-    /// The bytes written, when they are one JSON value on one line, with nothing around it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub json: Option<Cow<'a, RawValue>>,
-    /// The bytes written, base64, when they are not `json`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub b64: Option<Base64<'a>>,
+struct BodyMeta<'a> {
+    /// Bytes of it in the record.
+    len: usize,
     /// They are the whole body (as sent, unless `masked`).
-    pub complete: bool,
+    complete: bool,
     /// A JSON body whose secret values were masked before it was written.
     #[serde(default, skip_serializing_if = "is_false")]
-    pub masked: bool,
+    masked: bool,
     /// The kept bytes named a secret that could not be masked: none were written.
     #[serde(default, skip_serializing_if = "is_false")]
-    pub withheld: bool,
+    withheld: bool,
     /// Why the copy stopped early, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub short: Option<Cow<'a, str>>,
-}
-
-/// Bytes as a base64 JSON string, written as a raw JSON value: base64 has nothing to escape.
-#[derive(Debug)]
-pub struct Base64<'a>(pub Cow<'a, [u8]>);
-
-impl Serialize for Base64<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut quoted = String::with_capacity(self.0.len().div_ceil(3) * 4 + 2);
-        quoted.push('"');
-        STANDARD.encode_string(&self.0, &mut quoted);
-        quoted.push('"');
-        serde_json::value::RawValue::from_string(quoted)
-            .map_err(serde::ser::Error::custom)?
-            .serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Base64<'_> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = Cow::<str>::deserialize(deserializer)?;
-        let bytes = STANDARD.decode(&*text).map_err(serde::de::Error::custom)?;
-        Ok(Base64(Cow::Owned(bytes)))
-    }
+    short: Option<Cow<'a, str>>,
 }
 
 fn is_false(b: &bool) -> bool {
     !b
 }
 
-impl<'a> Line<'a> {
-    /// The line for a finished request, with up to `body_max` bytes of each body.
-    pub fn of(e: &'a Exchange, body_max: usize) -> Line<'a> {
-        let c = &e.copies;
-        let secrets = view::secret_values(e);
-        let content_type = |h: Option<&'a Head>| {
-            h.and_then(|h| h.get("content-type"))
-                .map(|v| String::from_utf8_lossy(v))
-        };
-        let body = |head: Option<&'a Head>, kept: &'a KeptBody| {
-            BodyLine::of(content_type(head).as_deref(), kept, body_max, &secrets)
-        };
-        Line {
-            v: VERSION,
-            saved: e.saved(),
-            request_head: c.request_head.as_ref().map(view::fields),
-            response_head: c.response_head.get().map(view::fields),
-            request_body: c.request_body().map(|b| body(c.request_head.as_ref(), b)),
-            response_body: c
-                .response_body
-                .get()
-                .map(|b| body(c.response_head.get(), b)),
-        }
-    }
+/// One request read back from a capture.
+#[derive(Debug)]
+pub struct Record {
+    pub saved: Saved<'static>,
+    /// `name:value` lines, each ended by `\n`.
+    pub request_head: Option<Vec<u8>>,
+    pub response_head: Option<Vec<u8>>,
+    pub request_body: Option<Body>,
+    pub response_body: Option<Body>,
 }
 
-impl<'a> BodyLine<'a> {
-    fn of(
-        content_type: Option<&str>,
-        kept: &'a KeptBody,
-        max: usize,
-        secrets: &[String],
-    ) -> BodyLine<'a> {
+/// A body read back from a capture.
+#[derive(Debug)]
+pub struct Body {
+    pub bytes: Vec<u8>,
+    pub complete: bool,
+    pub masked: bool,
+    pub withheld: bool,
+    pub short: bool,
+}
+
+/// Writes the record of a finished request to `out`, with up to `body_max` bytes of each body;
+/// `sections` is scratch space.
+///
+/// The heads are copied line by line as kept, secret values masked; the bodies as they are (or
+/// masked, or left out: [`view::safe`]). Written as JSON lines, with each head's fields and values
+/// escaped and each body checked to be JSON or encoded as base64, the same record took 35,000 more
+/// instructions per small request (`bench/callgrind.sh`).
+fn encode(e: &Exchange, body_max: usize, out: &mut Vec<u8>, sections: &mut Vec<u8>) {
+    let c = &e.copies;
+    sections.clear();
+    // The secret values of both heads are found as they are copied, before the bodies need them.
+    let mut secrets = Vec::new();
+    let request_head = c.request_head.as_ref();
+    let response_head = c.response_head.get();
+    let (request_head_len, request_type) = put_head(request_head, sections, &mut secrets);
+    let (response_head_len, response_type) = put_head(response_head, sections, &mut secrets);
+    let mut body = |kept: Option<&KeptBody>, content_type: Option<&[u8]>| {
+        let kept = kept?;
+        let content_type = content_type.map(String::from_utf8_lossy);
         // The inspector may keep more of a body than the capture writes (--inspect-body).
-        let cut = kept.bytes.len() > max;
-        let (bytes, masked, withheld) = match view::safe(content_type, kept, secrets) {
-            view::Safe::Bytes(b) => (Cow::Borrowed(&b[..b.len().min(max)]), false, false),
-            view::Safe::Masked(b) => (Cow::Owned(b), true, false),
-            view::Safe::Withheld => (Cow::Borrowed(&[][..]), false, true),
+        let cut = kept.bytes.len() > body_max;
+        let (bytes, masked, withheld) = match view::safe(content_type.as_deref(), kept, &secrets) {
+            view::Safe::Bytes(b) => (&b[..b.len().min(body_max)], false, false),
+            view::Safe::Masked(b) => {
+                let len = b.len();
+                sections.extend_from_slice(&b);
+                return Some(BodyMeta {
+                    len,
+                    complete: kept.complete && !cut,
+                    masked: true,
+                    withheld: false,
+                    short: kept.short.map(Cow::Borrowed),
+                });
+            }
+            view::Safe::Withheld => (&[][..], false, true),
         };
-        // As JSON, the body is copied as it is; as base64 it is encoded, and as an escaped string
-        // it was 17,000 of the 99,000 instructions per small request (`bench/callgrind.sh`).
-        let (json, b64) = match bytes {
-            Cow::Borrowed(b) => match json_value(b) {
-                Some(raw) => (Some(Cow::Borrowed(raw)), None),
-                None => (None, Some(Base64(Cow::Borrowed(b)))),
-            },
-            Cow::Owned(b) => match json_value(&b) {
-                Some(raw) => (Some(Cow::Owned(raw.to_owned())), None),
-                None => (None, Some(Base64(Cow::Owned(b)))),
-            },
-        };
-        BodyLine {
-            json,
-            b64,
+        sections.extend_from_slice(bytes);
+        Some(BodyMeta {
+            len: bytes.len(),
             complete: kept.complete && !withheld && !cut,
             masked: masked || kept.masked,
             withheld,
             short: kept.short.map(Cow::Borrowed),
-        }
+        })
+    };
+    let request_body = body(c.request_body(), request_type);
+    let response_body = body(c.response_body.get(), response_type);
+    let meta = Meta {
+        v: VERSION,
+        saved: e.saved(),
+        request_head: request_head_len,
+        response_head: response_head_len,
+        request_body,
+        response_body,
+    };
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, &meta).is_err() {
+        out.truncate(start);
+        return;
     }
+    out.push(b'\n');
+    out.extend_from_slice(sections);
+    out.push(b'\n');
+}
 
-    /// The bytes written (empty for a body whose bytes were withheld).
-    fn into_bytes(self) -> Vec<u8> {
-        match (self.json, self.b64) {
-            (Some(json), _) => json.get().as_bytes().to_vec(),
-            (None, Some(b64)) => b64.0.into_owned(),
-            (None, None) => Vec::new(),
+/// Copies `head`'s lines to `out`, secret values masked and added to `secrets`; returns the bytes
+/// written and the head's content type.
+fn put_head<'h>(
+    head: Option<&'h Head>,
+    out: &mut Vec<u8>,
+    secrets: &mut Vec<String>,
+) -> (Option<usize>, Option<&'h [u8]>) {
+    let Some(head) = head else {
+        return (None, None);
+    };
+    let start = out.len();
+    let mut content_type = None;
+    let lines = head.lines();
+    // Copied in runs between secret fields: most heads have none, and go in one copy.
+    let mut copied = 0;
+    let mut at = 0;
+    while at < lines.len() {
+        let end = memchr::memchr(b'\n', &lines[at..]).map_or(lines.len(), |i| at + i);
+        let line = &lines[at..end];
+        let next = (end + 1).min(lines.len());
+        if let Some(colon) = memchr::memchr(b':', line) {
+            let (name, value) = (&line[..colon], &line[colon + 1..]);
+            if is_secret_name_bytes(name) {
+                out.extend_from_slice(&lines[copied..at]);
+                view::secret_words(value, secrets);
+                out.extend_from_slice(name);
+                out.push(b':');
+                out.extend_from_slice(MASKED.as_bytes());
+                out.push(b'\n');
+                copied = next;
+            } else if content_type.is_none() && name == b"content-type" {
+                content_type = Some(value);
+            }
+        }
+        at = next;
+    }
+    out.extend_from_slice(&lines[copied..]);
+    (Some(out.len() - start), content_type)
+}
+
+/// Reads the records of a file of this format: `bad` gets the number of each record that could
+/// not be read, and why. After a bad record, reading goes on at the next line that starts one.
+fn decode(text: &[u8], records: &mut Vec<Record>, bad: &mut Vec<(usize, String)>) {
+    let mut at = 0;
+    let mut n = 0;
+    while at < text.len() {
+        let Some(end) = memchr::memchr(b'\n', &text[at..]).map(|i| at + i) else {
+            bad.push((n + 1, "torn: its first line has no end".into()));
+            return;
+        };
+        if end == at {
+            at += 1; // a blank line
+            continue;
+        }
+        n += 1;
+        match record(text, at, end) {
+            Ok((record, next)) => {
+                records.push(record);
+                at = next;
+            }
+            Err(why) => {
+                bad.push((n, why));
+                at = next_start(text, end);
+            }
         }
     }
 }
 
-/// `bytes` as one JSON value that a line can hold as it is: valid, on one line, and with nothing
-/// around it (so that it reads back byte for byte).
-fn json_value(bytes: &[u8]) -> Option<&RawValue> {
-    if !matches!(bytes.first(), Some(b'{' | b'[')) || memchr::memchr(b'\n', bytes).is_some() {
-        return None;
+/// The record whose first line is `text[at..end]`, and where the next one starts.
+fn record(text: &[u8], at: usize, end: usize) -> Result<(Record, usize), String> {
+    let meta: Meta = serde_json::from_slice(&text[at..end]).map_err(|e| e.to_string())?;
+    if meta.v != VERSION {
+        return Err(format!("format version {}", meta.v));
     }
-    let raw: &RawValue = serde_json::from_slice(bytes).ok()?;
-    (raw.get().len() == bytes.len()).then_some(raw)
+    let lens = [
+        meta.request_head,
+        meta.response_head,
+        meta.request_body.as_ref().map(|b| b.len),
+        meta.response_body.as_ref().map(|b| b.len),
+    ];
+    let total = lens
+        .iter()
+        .flatten()
+        .try_fold(0usize, |sum, len| sum.checked_add(*len))
+        .ok_or("impossible section lengths")?;
+    let mut from = end + 1;
+    let last = from
+        .checked_add(total)
+        .filter(|&last| last < text.len() && text[last] == b'\n')
+        .ok_or_else(|| format!("torn: its {total} bytes of heads and bodies are not all there"))?;
+    let mut take = |len: Option<usize>| {
+        let len = len?;
+        let bytes = text[from..from + len].to_vec();
+        from += len;
+        Some(bytes)
+    };
+    let request_head = take(lens[0]);
+    let response_head = take(lens[1]);
+    let mut body = |meta: Option<BodyMeta>| {
+        let meta = meta?;
+        Some(Body {
+            bytes: take(Some(meta.len))?,
+            complete: meta.complete,
+            masked: meta.masked,
+            withheld: meta.withheld,
+            short: meta.short.is_some(),
+        })
+    };
+    let request_body = body(meta.request_body);
+    let response_body = body(meta.response_body);
+    let saved = meta.saved.into_owned();
+    Ok((
+        Record {
+            saved,
+            request_head,
+            response_head,
+            request_body,
+            response_body,
+        },
+        last + 1,
+    ))
+}
+
+/// Where the first record after `from` starts: the next line that starts with `{"v":`.
+fn next_start(text: &[u8], from: usize) -> usize {
+    static START: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n{\"v\":"));
+    match START.find(&text[from..]) {
+        Some(i) => from + i + 1,
+        None => text.len(),
+    }
+}
+
+/// A line of the first format: one JSON line per request, heads as `[name, value]` pairs, a body as
+/// JSON or base64.
+#[derive(Debug, Deserialize)]
+struct LineV1<'a> {
+    v: u32,
+    #[serde(flatten)]
+    saved: Saved<'a>,
+    request_head: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+    response_head: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+    request_body: Option<BodyV1<'a>>,
+    response_body: Option<BodyV1<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BodyV1<'a> {
+    #[serde(default)]
+    json: Option<Box<RawValue>>,
+    #[serde(default)]
+    b64: Option<Cow<'a, str>>,
+    complete: bool,
+    #[serde(default)]
+    masked: bool,
+    #[serde(default)]
+    withheld: bool,
+    #[serde(default)]
+    short: Option<Cow<'a, str>>,
+}
+
+impl LineV1<'_> {
+    fn into_record(self) -> Result<Record, String> {
+        let head = |fields: Option<Vec<(Cow<str>, Cow<str>)>>| {
+            fields.map(|fields| {
+                let mut lines = Vec::new();
+                for (name, value) in fields {
+                    lines.extend_from_slice(name.as_bytes());
+                    lines.push(b':');
+                    lines.extend_from_slice(value.as_bytes());
+                    lines.push(b'\n');
+                }
+                lines
+            })
+        };
+        let body = |b: Option<BodyV1>| -> Result<Option<Body>, String> {
+            let Some(b) = b else { return Ok(None) };
+            let bytes = match (b.json, b.b64) {
+                (Some(json), _) => json.get().as_bytes().to_vec(),
+                (None, Some(b64)) => STANDARD.decode(&*b64).map_err(|e| e.to_string())?,
+                (None, None) => Vec::new(),
+            };
+            Ok(Some(Body {
+                bytes,
+                complete: b.complete,
+                masked: b.masked,
+                withheld: b.withheld,
+                short: b.short.is_some(),
+            }))
+        };
+        Ok(Record {
+            saved: self.saved.into_owned(),
+            request_head: head(self.request_head),
+            response_head: head(self.response_head),
+            request_body: body(self.request_body)?,
+            response_body: body(self.response_body)?,
+        })
+    }
+}
+
+/// Reads the lines of a file of the first format.
+fn decode_v1(text: &[u8], records: &mut Vec<Record>, bad: &mut Vec<(usize, String)>) {
+    for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
+        if raw.is_empty() {
+            continue;
+        }
+        let record = serde_json::from_slice::<LineV1>(raw)
+            .map_err(|e| e.to_string())
+            .and_then(|line| match line.v {
+                1 => line.into_record(),
+                v => Err(format!("format version {v}")),
+            });
+        match record {
+            Ok(record) => records.push(record),
+            Err(why) => bad.push((i + 1, why)),
+        }
+    }
 }
 
 /// The capture: each finished request's line, written by the thread that finished it (or, while
@@ -230,6 +438,8 @@ struct State {
 thread_local! {
     /// Each thread's buffer for the line it builds, kept warm between requests.
     static LINE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// And for its sections, before they follow its first line.
+    static SECTIONS: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
 impl Capture {
@@ -298,11 +508,15 @@ impl Capture {
 impl Shared {
     fn record(&self, e: &Exchange) {
         let mut line = LINE.take();
+        let mut sections = SECTIONS.take();
         line.clear();
-        if serde_json::to_writer(&mut line, &Line::of(e, self.body_max)).is_err() {
+        encode(e, self.body_max, &mut line, &mut sections);
+        if sections.capacity() <= KEEP {
+            SECTIONS.set(sections);
+        }
+        if line.is_empty() {
             return;
         }
-        line.push(b'\n');
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(mut writer) = state.writer.take() else {
             // Another thread is writing: it writes this line too, as soon as it is done.
@@ -432,7 +646,10 @@ fn new_file(dir: &Path) -> io::Result<(File, PathBuf)> {
     let stamp = humantime::format_rfc3339_micros(std::time::SystemTime::now())
         .to_string()
         .replace([':', '-'], "");
-    let path = dir.join(format!("capture-{stamp}-{}.jsonl", std::process::id()));
+    let path = dir.join(format!(
+        "capture-{stamp}-{}.{EXTENSION}",
+        std::process::id()
+    ));
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -450,7 +667,8 @@ fn capture_files(dir: &Path) -> Vec<(PathBuf, u64)> {
         .filter(|entry| {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            name.starts_with("capture-") && name.ends_with(".jsonl")
+            let ext = Path::new(&*name).extension().and_then(|x| x.to_str());
+            name.starts_with("capture-") && matches!(ext, Some(EXTENSION | EXTENSION_V1))
         })
         .filter_map(|entry| Some((entry.path(), entry.metadata().ok()?.len())))
         .collect();
@@ -462,12 +680,12 @@ fn capture_files(dir: &Path) -> Vec<(PathBuf, u64)> {
 #[derive(Debug, Default)]
 pub struct Loaded {
     /// Oldest first.
-    pub lines: Vec<Line<'static>>,
+    pub records: Vec<Record>,
     /// One for each file that could not be read whole, naming it.
     pub warnings: Vec<String>,
 }
 
-/// Reads every capture file in `dir`, oldest first. A line that does not parse (torn by a crash,
+/// Reads every capture file in `dir`, oldest first. A record that does not parse (torn by a crash,
 /// or corrupt) is skipped, and a warning names its file.
 pub fn load(dir: &Path) -> Loaded {
     let mut loaded = Loaded::default();
@@ -482,19 +700,19 @@ pub fn load(dir: &Path) -> Loaded {
             }
         };
         let mut bad = Vec::new();
-        for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
-            if raw.is_empty() {
-                continue;
+        let (what, first) = match path.extension().and_then(|x| x.to_str()) {
+            Some(EXTENSION_V1) => {
+                decode_v1(&text, &mut loaded.records, &mut bad);
+                ("line", "line")
             }
-            match serde_json::from_slice::<Line>(raw) {
-                Ok(line) if line.v == VERSION => loaded.lines.push(line),
-                Ok(line) => bad.push((i + 1, format!("format version {}", line.v))),
-                Err(e) => bad.push((i + 1, e.to_string())),
+            _ => {
+                decode(&text, &mut loaded.records, &mut bad);
+                ("record", "record")
             }
-        }
-        if let Some((first, why)) = bad.first() {
+        };
+        if let Some((n, why)) = bad.first() {
             loaded.warnings.push(format!(
-                "{}: {} line{} could not be read (line {first}: {why}); the rest was read",
+                "{}: {} {what}{} could not be read ({first} {n}: {why}); the rest was read",
                 path.display(),
                 bad.len(),
                 if bad.len() == 1 { "" } else { "s" },
@@ -508,14 +726,14 @@ pub fn load(dir: &Path) -> Loaded {
 /// warnings about what could not be read.
 pub fn records(dir: &Path) -> (Vec<Arc<Exchange>>, Vec<String>) {
     let Loaded {
-        lines,
+        records: read,
         mut warnings,
     } = load(dir);
-    let keeper = Keeper::new(lines.len(), usize::MAX, usize::MAX);
-    let mut records = Vec::with_capacity(lines.len());
-    for (serial, line) in (0..).zip(lines) {
-        let id = line.saved.id.clone();
-        match line.restore(serial, &keeper, &mut |_| {}) {
+    let keeper = Keeper::new(read.len(), usize::MAX, usize::MAX);
+    let mut records = Vec::with_capacity(read.len());
+    for (serial, record) in (0..).zip(read) {
+        let id = record.saved.id.clone();
+        match record.restore(serial, &keeper, &mut |_| {}) {
             Ok(e) => records.push(Arc::new(e)),
             Err(why) => warnings.push(format!("{id}: cannot be read back: {why}")),
         }
@@ -527,38 +745,31 @@ pub fn records(dir: &Path) -> (Vec<Arc<Exchange>>, Vec<String>) {
 const SHORT: &str = "the inspector's memory (--inspect-memory) was full when it was captured";
 const WITHHELD: &str = "left out of the capture: it names a secret that could not be masked";
 
-impl Line<'_> {
-    /// The record this line was written from, under `serial`, its copies charged to `keeper`.
+impl Record {
+    /// The record this one was written from, under `serial`, its copies charged to `keeper`.
     pub fn restore(
         self,
         serial: u64,
         keeper: &Keeper,
         evicted: &mut dyn FnMut(&Exchange),
     ) -> Result<Exchange, String> {
-        type Fields<'a> = Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>;
-        let head = |fields: Fields, evicted: &mut dyn FnMut(&Exchange)| {
-            let mut lines = Vec::new();
-            for (name, value) in fields? {
-                lines.extend_from_slice(name.as_bytes());
-                lines.push(b':');
-                lines.extend_from_slice(value.as_bytes());
-                lines.push(b'\n');
-            }
-            keeper.restored_head(lines, evicted)
-        };
-        let body = |b: Option<BodyLine>, evicted: &mut dyn FnMut(&Exchange)| {
+        let body = |b: Option<Body>, evicted: &mut dyn FnMut(&Exchange)| {
             let b = b?;
-            let short = match (b.withheld, &b.short) {
+            let short = match (b.withheld, b.short) {
                 (true, _) => Some(WITHHELD),
-                (false, Some(_)) => Some(SHORT),
-                (false, None) => None,
+                (false, true) => Some(SHORT),
+                (false, false) => None,
             };
-            let (complete, masked) = (b.complete, b.masked);
-            keeper.restored_body(b.into_bytes(), complete, short, masked, evicted)
+            keeper.restored_body(b.bytes, b.complete, short, b.masked, evicted)
         };
-        let request_head = head(self.request_head, evicted);
+        let request_head = self
+            .request_head
+            .and_then(|lines| keeper.restored_head(lines, evicted));
         let copies = Copies::new(request_head, false);
-        if let Some(h) = head(self.response_head, evicted) {
+        if let Some(h) = self
+            .response_head
+            .and_then(|lines| keeper.restored_head(lines, evicted))
+        {
             let _ = copies.response_head.set(h);
         }
         if let Some(b) = body(self.request_body, evicted) {
@@ -574,49 +785,165 @@ impl Line<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderMap, HeaderValue, Method};
 
-    fn line_of(bytes: &[u8]) -> String {
-        let keeper = Keeper::new(1, usize::MAX, usize::MAX);
-        let kept = keeper
-            .restored_body(bytes.to_vec(), true, None, false, &mut |_| {})
+    const TOKEN: &str = "gAAAAABtoken-value-of-a-test";
+
+    fn no_eviction(_: &Exchange) {}
+
+    /// A finished PATCH with a token, a JSON body with a password, and a binary response body that
+    /// holds what looks like the start of a record.
+    fn exchange(keeper: &Keeper, response: &[u8]) -> Exchange {
+        let mut h = HeaderMap::new();
+        h.append("host", HeaderValue::from_static("controller"));
+        h.append("x-auth-token", HeaderValue::from_static(TOKEN));
+        h.append(
+            "content-type",
+            HeaderValue::from_static("application/openstack-images-v2.1-json-patch"),
+        );
+        let head = keeper.head(&h, &mut no_eviction);
+        let copies = Copies::new(head, false);
+        let body = format!(
+            r#"[{{"op":"add","path":"/k","value":"v"}},{{"op":"add","path":"/db_password","value":"hunter2"}},{{"op":"add","path":"/echo","value":"{TOKEN}"}}]"#
+        );
+        copies.keep_request_body(
+            keeper
+                .restored_body(body.into_bytes(), true, None, false, &mut no_eviction)
+                .unwrap(),
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            "content-type",
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        let _ = copies
+            .response_head
+            .set(keeper.head(&h, &mut no_eviction).unwrap());
+        let _ = copies.response_body.set(
+            keeper
+                .restored_body(response.to_vec(), true, None, false, &mut no_eviction)
+                .unwrap(),
+        );
+        let mut headers = HeaderMap::new();
+        Exchange::new(
+            3,
+            crate::correlation::assign(&mut headers),
+            Method::PATCH,
+            "/v2/images/abc".into(),
+            crate::exchange::Client::new("127.0.0.1:5000".parse().unwrap()),
+            copies,
+        )
+    }
+
+    fn encoded(e: &Exchange, body_max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(e, body_max, &mut out, &mut Vec::new());
+        out
+    }
+
+    fn decoded(text: &[u8]) -> (Vec<Record>, Vec<(usize, String)>) {
+        let (mut records, mut bad) = (Vec::new(), Vec::new());
+        decode(text, &mut records, &mut bad);
+        (records, bad)
+    }
+
+    #[test]
+    fn a_record_reads_back_masked_and_byte_for_byte() {
+        let keeper = Keeper::new(10, 1 << 20, 1 << 20);
+        let response = b"\x00\xff\n{\"v\":2,\"id\":\"not a record\"}\nmore";
+        let e = exchange(&keeper, response);
+        let text = encoded(&e, 1 << 20);
+        assert!(memchr::memmem::find(&text, TOKEN.as_bytes()).is_none());
+        assert!(memchr::memmem::find(&text, b"hunter2").is_none());
+
+        let (records, bad) = decoded(&text);
+        assert!(bad.is_empty(), "{bad:?}");
+        let [r] = &records[..] else {
+            panic!("{records:?}")
+        };
+        assert_eq!(r.saved, e.saved().into_owned());
+        let request_head = String::from_utf8(r.request_head.clone().unwrap()).unwrap();
+        assert_eq!(
+            request_head,
+            "host:controller\nx-auth-token:<masked>\n\
+             content-type:application/openstack-images-v2.1-json-patch\n"
+        );
+        let request_body = r.request_body.as_ref().unwrap();
+        assert!(request_body.masked && request_body.complete);
+        let json: serde_json::Value = serde_json::from_slice(&request_body.bytes).unwrap();
+        assert_eq!(json[0]["value"], "v");
+        assert_eq!(json[1]["value"], MASKED);
+        assert_eq!(json[2]["value"], MASKED);
+        let response_body = r.response_body.as_ref().unwrap();
+        assert_eq!(response_body.bytes, response);
+        assert!(response_body.complete && !response_body.masked);
+
+        // Read back as a record again, it shows the same heads and bodies.
+        let restored = records
+            .into_iter()
+            .next()
+            .unwrap()
+            .restore(9, &keeper, &mut no_eviction)
             .unwrap();
-        let line = BodyLine::of(Some("application/json"), &kept, usize::MAX, &[]);
-        serde_json::to_string(&line).unwrap()
-    }
-
-    fn read_back(text: &str) -> Vec<u8> {
-        serde_json::from_str::<BodyLine>(text).unwrap().into_bytes()
-    }
-
-    #[test]
-    fn a_json_body_is_written_as_it_is_and_reads_back_byte_for_byte() {
-        let body = br#"{"name": "cirros", "tags": ["a\"b", "\u00e9"], "size": 1.50}"#;
-        let text = line_of(body);
-        assert!(text.starts_with(r#"{"json":{"name": "cirros""#), "{text}");
-        assert_eq!(read_back(&text), body);
+        assert!(restored.from_disk);
+        assert_eq!(restored.copies.response_body.get().unwrap().bytes, response);
+        assert_eq!(
+            restored
+                .copies
+                .request_head
+                .as_ref()
+                .unwrap()
+                .get("x-auth-token"),
+            Some(MASKED.as_bytes())
+        );
     }
 
     #[test]
-    fn bytes_that_are_not_one_json_value_on_one_line_go_as_base64() {
-        for body in [
-            &b" {\"a\": 1}"[..],
-            b"{\"a\": 1}\n",
-            b"{\n\"a\": 1}",
-            b"{\"a\": ",
-            b"\"a string\"",
-            b"not json",
-            b"\x00\xff\xfe",
-            b"",
-        ] {
-            let text = line_of(body);
-            assert!(text.starts_with(r#"{"b64":""#), "{text}");
-            assert_eq!(read_back(&text), body, "{text}");
-        }
+    fn a_body_longer_than_capture_body_is_cut_and_marked() {
+        let keeper = Keeper::new(10, 1 << 20, 1 << 20);
+        let e = exchange(&keeper, &[7; 100]);
+        let (records, _) = decoded(&encoded(&e, 10));
+        let body = records[0].response_body.as_ref().unwrap();
+        assert_eq!(body.bytes, [7; 10]);
+        assert!(!body.complete);
     }
 
     #[test]
-    fn a_line_of_the_first_format_still_reads() {
-        let old = r#"{"b64":"eyJhIjogMX0=","complete":true,"masked":false,"withheld":false,"short":null}"#;
-        assert_eq!(read_back(old), br#"{"a": 1}"#);
+    fn a_torn_or_corrupt_record_is_reported_and_the_rest_is_read() {
+        let keeper = Keeper::new(10, 1 << 20, 1 << 20);
+        let one = encoded(&exchange(&keeper, b"one"), 1 << 20);
+        let two = encoded(&exchange(&keeper, b"two\n{\"v\":"), 1 << 20);
+        let mut text = one.clone();
+        text.extend_from_slice(b"{\"v\":2,\"id\":\"req-x\",\"garbage\n");
+        text.extend_from_slice(&two);
+        text.extend_from_slice(&one[..one.len() - 5]); // torn by a crash
+        let (records, bad) = decoded(&text);
+        let bodies: Vec<&[u8]> = records
+            .iter()
+            .map(|r| &r.response_body.as_ref().unwrap().bytes[..])
+            .collect();
+        assert_eq!(bodies, [&b"one"[..], b"two\n{\"v\":"]);
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert_eq!(bad[0].0, 2);
+        assert!(bad[1].1.starts_with("torn"), "{bad:?}");
+
+        // Section lengths past the end of the file.
+        let (records, bad) = decoded(&one[..one.len() - 1]);
+        assert!(records.is_empty());
+        assert!(bad[0].1.starts_with("torn"), "{bad:?}");
+    }
+
+    #[test]
+    fn lines_of_the_first_format_still_read() {
+        let text = br#"{"v":1,"id":"req-1","id_from":"shim","method":"GET","target":"/","client":"127.0.0.1:1","arrived_at":"2026-11-26T00:00:00.000000Z","marks_us":[null,null,null,null,5],"bytes_in":0,"bytes_out":8,"status":200,"ended_in":"done","request_head":[["host","h"]],"response_head":[["content-type","application/json"]],"request_body":{"b64":"eyJhIjogMX0=","complete":true,"masked":false,"withheld":false,"short":null},"response_body":{"json":{"b": [1]},"complete":true}}
+{"v":1,"torn
+"#;
+        let (mut records, mut bad) = (Vec::new(), Vec::new());
+        decode_v1(text, &mut records, &mut bad);
+        assert_eq!(bad.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.request_head.as_deref(), Some(&b"host:h\n"[..]));
+        assert_eq!(r.request_body.as_ref().unwrap().bytes, br#"{"a": 1}"#);
+        assert_eq!(r.response_body.as_ref().unwrap().bytes, br#"{"b": [1]}"#);
     }
 }

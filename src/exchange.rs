@@ -333,6 +333,30 @@ pub struct Saved<'a> {
     pub expect: Option<Cow<'a, str>>,
 }
 
+impl Saved<'_> {
+    pub fn into_owned(self) -> Saved<'static> {
+        let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        Saved {
+            id: own(self.id),
+            id_from: own(self.id_from),
+            method: own(self.method),
+            target: own(self.target),
+            client: own(self.client),
+            arrived_at: self.arrived_at,
+            marks_us: self.marks_us,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            status: self.status,
+            upstream_status: self.upstream_status,
+            upstream_id: self.upstream_id.map(own),
+            outcome: self.outcome.map(own),
+            ended_in: own(self.ended_in),
+            error: self.error.map(own),
+            expect: self.expect.map(own),
+        }
+    }
+}
+
 impl Exchange {
     /// The record of a request whose head was just read.
     pub fn new(

@@ -171,15 +171,20 @@ pub fn is_secret(name: &HeaderName) -> bool {
 
 /// [`is_secret`] for a lower-case name.
 pub fn is_secret_name(name: &str) -> bool {
+    is_secret_name_bytes(name.as_bytes())
+}
+
+/// [`is_secret_name`] for a name as bytes (as the inspector keeps heads).
+pub fn is_secret_name_bytes(name: &[u8]) -> bool {
     matches!(
         name,
-        "x-auth-token"
-            | "x-subject-token"
-            | "x-service-token"
-            | "authorization"
-            | "proxy-authorization"
-            | "cookie"
-            | "set-cookie"
+        b"x-auth-token"
+            | b"x-subject-token"
+            | b"x-service-token"
+            | b"authorization"
+            | b"proxy-authorization"
+            | b"cookie"
+            | b"set-cookie"
     )
 }
 

@@ -53,7 +53,7 @@ impl Registry {
 
     /// Keeps the requests read back from a capture (the newest `--inspect-keep` of them), marked as
     /// from disk; returns the number kept and the lines that could not be made records again.
-    pub fn restore(&self, lines: Vec<crate::capture::Line>) -> (usize, Vec<String>) {
+    pub fn restore(&self, lines: Vec<crate::capture::Record>) -> (usize, Vec<String>) {
         let Some(keeper) = &self.keeper else {
             return (0, Vec::new());
         };

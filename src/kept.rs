@@ -119,6 +119,11 @@ impl Head {
     pub fn size(&self) -> usize {
         self.lines.len()
     }
+
+    /// The fields as kept: `name:value` lines, each ended by `\n`.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
 }
 
 /// The part of a body that was kept.

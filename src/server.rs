@@ -132,8 +132,8 @@ impl Server {
             for warning in &loaded.warnings {
                 warn!(dir = %c.dir.display(), "capture file {warning}");
             }
-            let read = loaded.lines.len();
-            let (kept, bad) = registry.restore(loaded.lines);
+            let read = loaded.records.len();
+            let (kept, bad) = registry.restore(loaded.records);
             for why in &bad {
                 warn!(dir = %c.dir.display(), "a captured request cannot be read back: {why}");
             }

@@ -348,19 +348,23 @@ pub fn secret_values(e: &Exchange) -> Vec<String> {
     let mut out = Vec::new();
     let heads = [e.copies.request_head.as_ref(), e.copies.response_head.get()];
     for (name, value) in heads.into_iter().flatten().flat_map(Head::fields) {
-        if !is_secret_name(name) {
-            continue;
-        }
-        let value = String::from_utf8_lossy(value);
-        let value = value.trim();
-        let words = value.split([' ', ';', ',', '=']);
-        for v in std::iter::once(value).chain(words) {
-            if v.len() >= 8 && v != MASKED && !out.iter().any(|o| o == v) {
-                out.push(v.to_owned());
-            }
+        if is_secret_name(name) {
+            secret_words(value, &mut out);
         }
     }
     out
+}
+
+/// Adds a secret field's value, and its words, to `out` (see [`secret_values`]).
+pub fn secret_words(value: &[u8], out: &mut Vec<String>) {
+    let value = String::from_utf8_lossy(value);
+    let value = value.trim();
+    let words = value.split([' ', ';', ',', '=']);
+    for v in std::iter::once(value).chain(words) {
+        if v.len() >= 8 && v != MASKED && !out.iter().any(|o| o == v) {
+            out.push(v.to_owned());
+        }
+    }
 }
 
 /// Masks every occurrence of `secrets` in the strings of `v`.
@@ -387,8 +391,17 @@ fn names_a_secret(bytes: &[u8]) -> bool {
     use memchr::memmem::Finder;
     static WORDS: LazyLock<[Finder<'static>; 4]> =
         LazyLock::new(|| [b"password", &b"token"[..], b"secret", b"credential"].map(Finder::new));
-    let lower = bytes.to_ascii_lowercase();
-    WORDS.iter().any(|word| word.find(&lower).is_some())
+    thread_local! {
+        static LOWER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut lower = LOWER.take();
+    lower.clear();
+    lower.extend(bytes.iter().map(u8::to_ascii_lowercase));
+    let named = WORDS.iter().any(|word| word.find(&lower).is_some());
+    if lower.capacity() <= 1 << 20 {
+        LOWER.set(lower);
+    }
+    named
 }
 
 /// True for a JSON field name whose value is a secret.

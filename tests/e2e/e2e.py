@@ -304,11 +304,40 @@ def capture_replay_har(c, shim, glance, capture, tmp, label):
     target = f"/v2/images/{image}"
 
     def captured():
-        lines = []
+        """Every whole record in the capture, read from the format's description: the first
+        line's JSON, each head as text, each body's bytes as `text` (and `json` if they parse)."""
+        records = []
         for name in sorted(os.listdir(capture)):
-            with open(os.path.join(capture, name)) as f:
-                lines += [json.loads(line) for line in f if line.strip()]
-        return lines
+            if not name.endswith(".rec"):
+                continue
+            with open(os.path.join(capture, name), "rb") as f:
+                data = f.read()
+            at = 0
+            while (nl := data.find(b"\n", at)) >= 0:
+                if not data[at:nl].strip(b"\0 "):
+                    at = nl + 1
+                    continue
+                record = json.loads(data[at:nl])
+                pos = nl + 1
+                for part in ("request_head", "response_head", "request_body", "response_body"):
+                    if record.get(part) is None:
+                        continue
+                    n = record[part] if part.endswith("head") else record[part]["len"]
+                    raw = data[pos:pos + n]
+                    pos += n
+                    if part.endswith("head"):
+                        record[part] = raw.decode("latin-1")
+                        continue
+                    record[part]["text"] = raw.decode("utf-8", "replace")
+                    try:
+                        record[part]["json"] = json.loads(raw)
+                    except ValueError:
+                        pass
+                if data[pos:pos + 1] != b"\n":
+                    break  # torn
+                records.append(record)
+                at = pos + 1
+        return records
     wait_until("the PATCH in the capture", lambda: any(
         l["method"] == "PATCH" and l["target"] == target for l in captured()), 10)
     patch = [l for l in captured() if l["method"] == "PATCH" and l["target"] == target][-1]
@@ -316,7 +345,7 @@ def capture_replay_har(c, shim, glance, capture, tmp, label):
           f"{label}: `openstack image set --property k=v` is captured (200), its token masked")
     patch_ops = patch.get("request_body", {}).get("json") or []
     check(any(op.get("path") == "/k" for op in patch_ops),
-          f"{label}: the JSON-patch body is in the capture as JSON ({patch.get('request_body')})")
+          f"{label}: the JSON-patch body is in the capture as it was sent ({patch.get('request_body')})")
     mode = os.stat(capture).st_mode & 0o777
     check(mode == 0o700, f"{label}: the capture directory is 0700 ({mode:o})")
 
