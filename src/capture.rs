@@ -14,9 +14,9 @@
 //!   one passes an eighth of `--capture-max`. While the directory holds more than `--capture-max`,
 //!   its oldest files are removed. Files of the first format (`.jsonl`, a JSON line per request)
 //!   are still read.
-//! - Each record is written as its request ends, by the thread that ended it: one `write(2)`, which
-//!   puts it in the kernel's hands, so a crash or SIGKILL of the shim loses at most the records being
-//!   written. While one thread writes, records that end on others wait for it and go out in its
+//! - Each record is written as its request ends, by the thread that ended it: one copy into a shared
+//!   mapping of the file ([`crate::mapped`]), which puts it in the kernel's hands as a `write(2)`
+//!   would, so a crash or SIGKILL of the shim loses at most the records being written. While one thread writes, records that end on others wait for it and go out in its
 //!   next write (one thread writes at a time; nginx writes its access log the same way, from its
 //!   event loop). A record whose bodies are large is built and written on tokio's blocking pool.
 //!   Read back, a torn or corrupt record is reported with its file's name, and the rest is read.
@@ -24,8 +24,8 @@
 
 use std::borrow::Cow;
 use std::cell::Cell;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write as _};
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +41,7 @@ use crate::exchange::{Exchange, Saved};
 use crate::headers::{MASKED, is_secret_name_bytes};
 use crate::inspect::view;
 use crate::kept::{Copies, Head, Keeper, KeptBody};
+use crate::mapped::{AppendError, MappedFile};
 
 /// Bytes of records that may wait while another thread writes; past this, records are left out of
 /// the capture (and counted). One record is always let in.
@@ -238,6 +239,14 @@ fn decode(text: &[u8], records: &mut Vec<Record>, bad: &mut Vec<(usize, String)>
     let mut at = 0;
     let mut n = 0;
     while at < text.len() {
+        if text[at] == 0 {
+            // The zeros at the end of a file that was being written when the shim was killed.
+            at = text[at..]
+                .iter()
+                .position(|&b| b != 0)
+                .map_or(text.len(), |i| at + i);
+            continue;
+        }
         let Some(end) = memchr::memchr(b'\n', &text[at..]).map(|i| at + i) else {
             bad.push((n + 1, "torn: its first line has no end".into()));
             return;
@@ -562,39 +571,34 @@ impl Shared {
     }
 }
 
-/// Writes lines to the current file, starts a new one past its size, and keeps the directory under
-/// its bound.
-///
-/// Lines are written with `write(2)`, not copied into a shared mapping of the file: a mapping cost
-/// about 2 us less per small request (`bench/cost.sh`), but the shim would die of SIGBUS if anyone
-/// truncated the file it is writing (`truncate -s 0`, to clear a capture).
+/// Writes records to the current file, starts a new one past its size (or when someone else has
+/// truncated it), and keeps the directory under its bound.
 #[derive(Debug)]
 struct Writer {
     dir: PathBuf,
     max: u64,
-    file: File,
+    file: MappedFile,
     path: PathBuf,
-    written: u64,
     /// The last write failed (and said so): the next failure is not reported again.
     failing: bool,
 }
 
 impl Writer {
     fn new(dir: PathBuf, max: usize) -> io::Result<Writer> {
-        let (file, path) = new_file(&dir)?;
+        let max = max as u64;
+        let (file, path) = new_file(&dir, file_max(max))?;
         Ok(Writer {
             dir,
-            max: max as u64,
+            max,
             file,
             path,
-            written: 0,
             failing: false,
         })
     }
 
-    /// Writes `lines`; a failure is reported once, until a write succeeds again.
-    fn write(&mut self, lines: &[u8]) {
-        match self.append(lines) {
+    /// Writes `records`; a failure is reported once, until a write succeeds again.
+    fn write(&mut self, records: &[u8]) {
+        match self.append(records) {
             Ok(()) => self.failing = false,
             Err(error) if !self.failing => {
                 self.failing = true;
@@ -609,28 +613,38 @@ impl Writer {
         }
     }
 
-    fn append(&mut self, lines: &[u8]) -> io::Result<()> {
-        self.file.write_all(lines)?;
-        self.written += lines.len() as u64;
-        if self.written > self.file_max() {
-            (self.file, self.path) = new_file(&self.dir)?;
-            self.written = 0;
-            self.prune();
+    fn append(&mut self, records: &[u8]) -> io::Result<()> {
+        match self.file.append(records) {
+            Ok(()) => {}
+            Err(AppendError::Truncated) => {
+                warn!(
+                    file = %self.path.display(),
+                    "the capture file was truncated by another program while it was written; \
+                     the requests being written are lost, and the next go to a new file"
+                );
+                self.next_file()?;
+                return Ok(());
+            }
+            Err(AppendError::Io(e)) => return Err(e),
+        }
+        if self.file.len() > file_max(self.max) {
+            self.next_file()?;
         }
         Ok(())
     }
 
-    /// The size past which a new file is started.
-    fn file_max(&self) -> u64 {
-        (self.max / 8).max(4096)
+    fn next_file(&mut self) -> io::Result<()> {
+        (self.file, self.path) = new_file(&self.dir, file_max(self.max))?;
+        self.prune();
+        Ok(())
     }
 
     /// Removes the oldest files until the others leave room for the current one to grow to its
-    /// size (never the current one): the directory stays within `max`, give or take one line.
+    /// size (never the current one): the directory stays within `max`, give or take one record.
     fn prune(&self) {
         let files = capture_files(&self.dir);
         let mut total: u64 = files.iter().map(|(_, size)| size).sum();
-        let room = self.max.saturating_sub(self.file_max());
+        let room = self.max.saturating_sub(file_max(self.max));
         for (path, size) in files {
             if total <= room || path == self.path {
                 break;
@@ -642,7 +656,12 @@ impl Writer {
     }
 }
 
-fn new_file(dir: &Path) -> io::Result<(File, PathBuf)> {
+/// The size past which a new file is started.
+fn file_max(max: u64) -> u64 {
+    (max / 8).max(4096)
+}
+
+fn new_file(dir: &Path, max: u64) -> io::Result<(MappedFile, PathBuf)> {
     let stamp = humantime::format_rfc3339_micros(std::time::SystemTime::now())
         .to_string()
         .replace([':', '-'], "");
@@ -651,11 +670,12 @@ fn new_file(dir: &Path) -> io::Result<(File, PathBuf)> {
         std::process::id()
     ));
     let file = OpenOptions::new()
-        .create(true)
-        .append(true)
+        .create_new(true)
+        .read(true)
+        .write(true)
         .mode(0o600)
         .open(&path)?;
-    Ok((file, path))
+    Ok((MappedFile::new(file, max), path))
 }
 
 /// The capture files in `dir` with their sizes, oldest first (their names sort by time).
@@ -926,6 +946,12 @@ mod tests {
         assert_eq!(bad.len(), 2, "{bad:?}");
         assert_eq!(bad[0].0, 2);
         assert!(bad[1].1.starts_with("torn"), "{bad:?}");
+
+        // A file that was being written when the shim was killed ends in zeros.
+        let mut killed = one.clone();
+        killed.extend_from_slice(&[0; 5000]);
+        let (records, bad) = decoded(&killed);
+        assert_eq!((records.len(), bad.len()), (1, 0), "{bad:?}");
 
         // Section lengths past the end of the file.
         let (records, bad) = decoded(&one[..one.len() - 1]);

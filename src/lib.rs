@@ -20,6 +20,7 @@
 //! - [`inspect`] — the inspector: its own small server, the Host guard, the page, the JSON API, HAR
 //!   export, and the client of `glance-shim har`.
 //! - [`capture`] — every finished request written to disk (`--capture`), and read back.
+//! - [`mapped`] — a file appended to through a shared mapping (the capture's files).
 //! - [`body`] — the streaming request/response bodies; `Expect: 100-continue`.
 //! - [`upstream`] — the connector (with `--wait-upstream` and TLS), outage logging, the pooled client.
 //! - [`error`] — what stops the shim starting; its own answers (502, 504, ...) as OpenStack-style JSON.
@@ -41,6 +42,7 @@ pub mod inspect;
 pub mod keepalive;
 pub mod kept;
 pub mod logging;
+pub mod mapped;
 pub mod proxy;
 pub mod server;
 pub mod signals;

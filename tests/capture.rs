@@ -387,3 +387,53 @@ async fn a_directory_others_can_read_is_refused_with_status_2() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_capture_file_truncated_by_someone_else_costs_a_record_and_the_next_go_to_a_new_file() {
+    // The file is written through a shared mapping: truncated under it, the next copy into the
+    // mapping would kill the shim with SIGBUS if the shim did not catch it.
+    let echo = Echo::start().await;
+    let dir = tempdir("capture").join("truncated");
+    let shim = Shim::start(&echo.port(), &["--capture", dir.to_str().unwrap()]).await;
+    let get = |i: usize| format!("GET /download?bytes=100&i={i} HTTP/1.1\r\nHost: h\r\n\r\n");
+    let (head, _) = roundtrip(shim.addr, &get(0)).await;
+    assert_eq!(head.status(), 200);
+    wait_captured(&dir, 1).await;
+    let first = files(&dir).pop().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for i in 1..=3 {
+        let (head, _) = roundtrip(shim.addr, &get(i)).await;
+        assert_eq!(head.status(), 200, "request {i} after the truncation");
+    }
+    let warning = shim
+        .wait_for("the truncation's warning", |l| {
+            msg(l).contains("truncated by another program")
+        })
+        .await;
+    assert_eq!(warning["level"], "WARN");
+    let targets = |records: Vec<Value>| -> Vec<String> {
+        records
+            .iter()
+            .map(|r| r["target"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let after = targets(wait_captured(&dir, 2).await);
+    assert!(
+        after.contains(&"/download?bytes=100&i=3".to_owned()),
+        "{after:?}"
+    );
+    assert!(files(&dir).len() >= 2, "{:?}", files(&dir));
+    // Still serving, still capturing.
+    let (head, _) = roundtrip(shim.addr, &get(4)).await;
+    assert_eq!(head.status(), 200);
+    let after = targets(wait_captured(&dir, 3).await);
+    assert!(
+        after.contains(&"/download?bytes=100&i=4".to_owned()),
+        "{after:?}"
+    );
+}
