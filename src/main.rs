@@ -62,12 +62,15 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
         .map_err(StartError::Runtime)?;
     let code = runtime.block_on(async {
         tokio::spawn(log.flusher());
+        // Before the port is bound: once a client (or a supervisor) can connect, SIGTERM and SIGINT
+        // start the drain. Registered after, one sent in between was lost when the shell had
+        // started the shim in the background with SIGINT ignored, and the shim never stopped.
+        let signals = signals::shutdown_signals();
         let listener = server::bind_listener(&config)
             .map_err(|error| StartError::bind(&config.listen, error))?;
         let server = server::Server::new(listener, config)?;
         let registry = server.registry();
         signals::spawn_table_on_usr1(registry.clone());
-        let signals = signals::shutdown_signals();
         tokio::select! {
             () = server.run(signals::counted(signals.clone(), 1)) => Ok(ExitCode::SUCCESS),
             () = signals::counted(signals, 2) => {
