@@ -183,14 +183,136 @@ fn encode(e: &Exchange, body_max: usize, out: &mut Vec<u8>, sections: &mut Vec<u
         request_body,
         response_body,
     };
-    let start = out.len();
-    if serde_json::to_writer(&mut *out, &meta).is_err() {
-        out.truncate(start);
-        return;
-    }
+    write_meta(out, &meta);
     out.push(b'\n');
     out.extend_from_slice(sections);
     out.push(b'\n');
+}
+
+/// Writes `meta` as the JSON object that serde would write for it (`Meta`'s `Deserialize` reads it
+/// back; a test holds the two to the same fields): names and numbers copied as they are, strings
+/// escaped only when they need it. Through serde_json the same line took 5,900 of the capture's
+/// 12,000 instructions per small request (`bench/callgrind.sh`).
+fn write_meta(out: &mut Vec<u8>, meta: &Meta) {
+    let mut o = Object::new(out);
+    let s = &meta.saved;
+    o.num("v", meta.v.into());
+    o.str("id", &s.id);
+    o.str("id_from", &s.id_from);
+    o.str("method", &s.method);
+    o.str("target", &s.target);
+    o.str("client", &s.client);
+    o.str("arrived_at", &s.arrived_at);
+    o.key("marks_us");
+    for (i, mark) in s.marks_us.iter().enumerate() {
+        o.out.push(if i == 0 { b'[' } else { b',' });
+        match mark {
+            Some(us) => o
+                .out
+                .extend_from_slice(itoa::Buffer::new().format(*us).as_bytes()),
+            None => o.out.extend_from_slice(b"null"),
+        }
+    }
+    o.out.push(b']');
+    o.num("bytes_in", s.bytes_in);
+    o.num("bytes_out", s.bytes_out);
+    o.opt_num("status", s.status.map(u64::from));
+    o.opt_num("upstream_status", s.upstream_status.map(u64::from));
+    o.opt_str("upstream_id", s.upstream_id.as_deref());
+    o.opt_str("outcome", s.outcome.as_deref());
+    o.str("ended_in", &s.ended_in);
+    o.opt_str("error", s.error.as_deref());
+    o.opt_str("expect", s.expect.as_deref());
+    o.opt_num("request_head", meta.request_head.map(|n| n as u64));
+    o.opt_num("response_head", meta.response_head.map(|n| n as u64));
+    for (name, body) in [
+        ("request_body", &meta.request_body),
+        ("response_body", &meta.response_body),
+    ] {
+        let Some(b) = body else { continue };
+        o.key(name);
+        let mut inner = Object::new(o.out);
+        inner.num("len", b.len as u64);
+        inner.bool("complete", b.complete);
+        if b.masked {
+            inner.bool("masked", true);
+        }
+        if b.withheld {
+            inner.bool("withheld", true);
+        }
+        inner.opt_str("short", b.short.as_deref());
+        inner.end();
+    }
+    o.end();
+}
+
+/// A JSON object being written.
+struct Object<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> Object<'o> {
+    fn new(out: &'o mut Vec<u8>) -> Object<'o> {
+        out.push(b'{');
+        Object { out, first: true }
+    }
+
+    /// A member's name (never one that needs escaping), then `:`.
+    fn key(&mut self, name: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn num(&mut self, name: &str, n: u64) {
+        self.key(name);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn opt_num(&mut self, name: &str, n: Option<u64>) {
+        if let Some(n) = n {
+            self.num(name, n);
+        }
+    }
+
+    fn bool(&mut self, name: &str, b: bool) {
+        self.key(name);
+        self.out
+            .extend_from_slice(if b { b"true" } else { b"false" });
+    }
+
+    fn str(&mut self, name: &str, value: &str) {
+        self.key(name);
+        // Ids, methods, targets, addresses and times are printable ASCII without quotes or
+        // backslashes: copied as they are. Anything else is escaped by serde_json.
+        // (Checked without stopping at the first, so that the compiler checks many bytes at once.)
+        let escaped = value.bytes().fold(false, |any, b| {
+            any | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\')
+        });
+        if !escaped {
+            self.out.push(b'"');
+            self.out.extend_from_slice(value.as_bytes());
+            self.out.push(b'"');
+        } else {
+            let _ = serde_json::to_writer(&mut *self.out, value);
+        }
+    }
+
+    fn opt_str(&mut self, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.str(name, value);
+        }
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
 }
 
 /// Copies `head`'s lines to `out`, secret values masked and added to `secrets`; returns the bytes
@@ -916,6 +1038,74 @@ mod tests {
                 .get("x-auth-token"),
             Some(MASKED.as_bytes())
         );
+    }
+
+    #[test]
+    fn the_first_line_is_what_serde_writes_for_it() {
+        let saved = |error: Option<&'static str>, target: &'static str| Saved {
+            id: "req-1".into(),
+            id_from: "client".into(),
+            method: "PATCH".into(),
+            target: target.into(),
+            client: "127.0.0.1:5000".into(),
+            arrived_at: "2026-11-26T00:00:00.000001Z".into(),
+            marks_us: [Some(1), None, Some(300), Some(u64::MAX), Some(0)],
+            bytes_in: 12,
+            bytes_out: u64::MAX,
+            status: Some(502),
+            upstream_status: Some(500),
+            upstream_id: Some("req-up".into()),
+            outcome: Some("upstream_broke_off".into()),
+            ended_in: "streaming".into(),
+            error: error.map(Cow::Borrowed),
+            expect: Some("relayed".into()),
+        };
+        let body = |masked, withheld, short: Option<&'static str>| BodyMeta {
+            len: 802,
+            complete: false,
+            masked,
+            withheld,
+            short: short.map(Cow::Borrowed),
+        };
+        let metas = [
+            Meta {
+                v: VERSION,
+                saved: saved(
+                    Some("a \"quoted\" error\n\u{1} caf\u{e9}"),
+                    "/v2/images?a=\\b",
+                ),
+                request_head: Some(119),
+                response_head: Some(84),
+                request_body: Some(body(true, false, Some("memory full"))),
+                response_body: Some(body(false, true, None)),
+            },
+            Meta {
+                v: VERSION,
+                saved: Saved {
+                    status: None,
+                    upstream_status: None,
+                    upstream_id: None,
+                    outcome: None,
+                    expect: None,
+                    ..saved(None, "/")
+                },
+                request_head: None,
+                response_head: None,
+                request_body: None,
+                response_body: None,
+            },
+        ];
+        for meta in metas {
+            let mut ours = Vec::new();
+            write_meta(&mut ours, &meta);
+            let serde = serde_json::to_vec(&meta).unwrap();
+            assert_eq!(
+                String::from_utf8(ours.clone()).unwrap(),
+                String::from_utf8(serde).unwrap()
+            );
+            let back: Meta = serde_json::from_slice(&ours).unwrap();
+            assert_eq!(back.saved, meta.saved);
+        }
     }
 
     #[test]
