@@ -755,25 +755,39 @@ impl Writer {
         Ok(())
     }
 
+    /// Starts a new file, and removes the oldest on tokio's blocking pool: removing a file of
+    /// 32 MiB (an eighth of the default `--capture-max`) takes milliseconds, during which the
+    /// thread that serves every connection would serve none.
     fn next_file(&mut self) -> io::Result<()> {
         (self.file, self.path) = new_file(&self.dir, file_max(self.max))?;
-        self.prune();
+        let (dir, max, current) = (self.dir.clone(), self.max, self.path.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || prune(&dir, max, &current))),
+            Err(_) => prune(&dir, max, &current),
+        }
         Ok(())
     }
 
-    /// Removes the oldest files until the others leave room for the current one to grow to its
-    /// size (never the current one): the directory stays within `max`, give or take one record.
     fn prune(&self) {
-        let files = capture_files(&self.dir);
-        let mut total: u64 = files.iter().map(|(_, size)| size).sum();
-        let room = self.max.saturating_sub(file_max(self.max));
-        for (path, size) in files {
-            if total <= room || path == self.path {
-                break;
-            }
-            if fs::remove_file(&path).is_ok() {
-                total -= size;
-            }
+        prune(&self.dir, self.max, &self.path);
+    }
+}
+
+/// Removes the oldest files in `dir` until the others leave room for the current one to grow to
+/// its size (never the current one): the directory stays within `max`, give or take one record.
+fn prune(dir: &Path, max: u64, current: &Path) {
+    // One at a time: two that listed the same files would each remove the oldest.
+    static ONE: Mutex<()> = Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(PoisonError::into_inner);
+    let files = capture_files(dir);
+    let mut total: u64 = files.iter().map(|(_, size)| size).sum();
+    let room = max.saturating_sub(file_max(max));
+    for (path, size) in files {
+        if total <= room || path == current {
+            break;
+        }
+        if fs::remove_file(&path).is_ok() {
+            total -= size;
         }
     }
 }
