@@ -16,9 +16,10 @@
 //!   are still read.
 //! - Each record is written as its request ends, by the thread that ended it: one copy into a shared
 //!   mapping of the file ([`crate::mapped`]), which puts it in the kernel's hands as a `write(2)`
-//!   would, so a crash or SIGKILL of the shim loses at most the records being written. While one thread writes, records that end on others wait for it and go out in its
-//!   next write (one thread writes at a time; nginx writes its access log the same way, from its
-//!   event loop). A record whose bodies are large is built and written on tokio's blocking pool.
+//!   would, so a crash or SIGKILL of the shim loses at most the records being written. While one
+//!   thread writes, records that end on others wait for it and go out in its next write (one thread
+//!   writes at a time; nginx writes its access log the same way, from its event loop). A record
+//!   whose bodies are large is built and written on tokio's blocking pool.
 //!   Read back, a torn or corrupt record is reported with its file's name, and the rest is read.
 //! - The directory is made 0700 and the files 0600; a directory others can enter is refused.
 
@@ -152,8 +153,10 @@ fn encode(e: &Exchange, body_max: usize, out: &mut Vec<u8>, sections: &mut Vec<u
         let (bytes, masked, withheld) = match view::safe(content_type.as_deref(), kept, &secrets) {
             view::Safe::Bytes(b) => (&b[..b.len().min(body_max)], false, false),
             view::Safe::Masked(b) => {
-                let len = b.len();
-                sections.extend_from_slice(&b);
+                // Re-serialised, it can be longer than the bytes kept: still no more than the cap.
+                let len = b.len().min(body_max);
+                let cut = cut || len < b.len();
+                sections.extend_from_slice(&b[..len]);
                 return Some(BodyMeta {
                     len,
                     complete: kept.complete && !cut,
