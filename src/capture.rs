@@ -148,29 +148,18 @@ fn encode(e: &Exchange, body_max: usize, out: &mut Vec<u8>, sections: &mut Vec<u
     let mut body = |kept: Option<&KeptBody>, content_type: Option<&[u8]>| {
         let kept = kept?;
         let content_type = content_type.map(String::from_utf8_lossy);
-        // The inspector may keep more of a body than the capture writes (--inspect-body).
-        let cut = kept.bytes.len() > body_max;
         let (bytes, masked, withheld) = match view::safe(content_type.as_deref(), kept, &secrets) {
-            view::Safe::Bytes(b) => (&b[..b.len().min(body_max)], false, false),
-            view::Safe::Masked(b) => {
-                // Re-serialised, it can be longer than the bytes kept: still no more than the cap.
-                let len = b.len().min(body_max);
-                let cut = cut || len < b.len();
-                sections.extend_from_slice(&b[..len]);
-                return Some(BodyMeta {
-                    len,
-                    complete: kept.complete && !cut,
-                    masked: true,
-                    withheld: false,
-                    short: kept.short.map(Cow::Borrowed),
-                });
-            }
-            view::Safe::Withheld => (&[][..], false, true),
+            view::Safe::Bytes(b) => (Cow::Borrowed(b), false, false),
+            view::Safe::Masked(b) => (Cow::Owned(b), true, false),
+            view::Safe::Withheld => (Cow::Borrowed(&[][..]), false, true),
         };
-        sections.extend_from_slice(bytes);
+        // The inspector may keep more of a body than the capture writes (--inspect-body), and a
+        // masked body, re-serialised, can be longer than the bytes kept.
+        let len = bytes.len().min(body_max);
+        sections.extend_from_slice(&bytes[..len]);
         Some(BodyMeta {
-            len: bytes.len(),
-            complete: kept.complete && !withheld && !cut,
+            len,
+            complete: kept.complete && !withheld && len == bytes.len(),
             masked: masked || kept.masked,
             withheld,
             short: kept.short.map(Cow::Borrowed),
