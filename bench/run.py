@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,6 +56,41 @@ def peak_rss_mib(pid):
     except OSError:
         pass
     return None
+
+
+def rss_mib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class RssSampler:
+    """The largest VmRSS of `pid` seen every 10 ms while the block runs: the proxy's memory during a
+    transfer, which its VmHWM (the peak of the whole run, small-request load included) bounds from
+    above."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.done = pid, None, threading.Event()
+
+    def __enter__(self):
+        def sample():
+            while not self.done.is_set():
+                rss = rss_mib(self.pid)
+                if rss is not None:
+                    self.peak = max(self.peak or 0, rss)
+                self.done.wait(0.01)
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
 
 
 class Peer:
@@ -132,10 +168,11 @@ class GlanceShim(Peer):
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(root):
-    """CPU time (user + system) of `root` and every process under it, the children it already
-    reaped included (socat's per-connection processes): what the proxy costs, whatever its shape."""
-    total = 0
+def tree_cpu_split(root):
+    """CPU time of `root` and every process under it, the children it already reaped included
+    (socat's per-connection processes), as (user, system) seconds: what the proxy costs, whatever its
+    shape. The system part is what its syscalls and wake-ups cost in the kernel."""
+    user = system = 0
     seen, todo = set(), [root]
     while todo:
         pid = todo.pop()
@@ -148,9 +185,10 @@ def tree_cpu_seconds(root):
         except OSError:
             continue
         # utime, stime, cutime, cstime: fields 14-17 of proc(5), 11-14 after the command.
-        total += sum(int(x) for x in fields[11:15])
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
         todo.extend(children(pid))
-    return total / TICK
+    return user / TICK, system / TICK
 
 
 def children(pid):
@@ -424,16 +462,26 @@ def one_run(peers, args, upload_file, rotate):
         for key, take in metrics(args, upload_file):
             for p in order:
                 root = p.proc.pid if p.proc else None
-                cpu0 = tree_cpu_seconds(root) if root else None
-                value = take(ports[p.name])
+                cpu0 = tree_cpu_split(root) if root else None
+                pid = p.pid()
+                if key.endswith("MBps") and pid:
+                    with RssSampler(pid) as rss:
+                        value = take(ports[p.name])
+                    if rss.peak is not None:
+                        seen = result[p.name].get("transfer_rss_MiB") or 0
+                        result[p.name]["transfer_rss_MiB"] = max(seen, rss.peak)
+                else:
+                    value = take(ports[p.name])
                 if isinstance(value, dict):
                     c = key.split("_c")[1]
                     result[p.name][f"rps_c{c}"] = value["rps"]
                     result[p.name][f"p50_ms_c{c}"] = value["p50_ms"]
                     result[p.name][f"p99_ms_c{c}"] = value["p99_ms"]
                     # The proxy's CPU per request served (wrk's count), in microseconds.
-                    cpu = (tree_cpu_seconds(root) - cpu0) if root else None
-                    result[p.name][f"cpu_us_c{c}"] = cpu / value["requests"] * 1e6 if root else None
+                    cpu = [b - a for a, b in zip(cpu0, tree_cpu_split(root))] if root else None
+                    per_request = (lambda t: t / value["requests"] * 1e6) if root else (lambda t: None)
+                    result[p.name][f"cpu_us_c{c}"] = per_request(sum(cpu)) if root else None
+                    result[p.name][f"cpu_sys_us_c{c}"] = per_request(cpu[1]) if root else None
                 else:
                     result[p.name][key] = value
         for p in peers:
@@ -543,8 +591,11 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
     keys = list(runs["no proxy"][0].keys())
-    med = {name: {k: (statistics.median([r[k] for r in rs]) if rs[0][k] is not None else None)
-                  for k in keys} for name, rs in runs.items()}
+    def median(rs, k):
+        values = [r.get(k) for r in rs]
+        return statistics.median(values) if None not in values else None
+
+    med = {name: {k: median(rs, k) for k in keys + ["transfer_rss_MiB"]} for name, rs in runs.items()}
 
     def ratio(name, k, base="no proxy"):
         """Median over runs of the ratio taken within each run."""
@@ -561,7 +612,8 @@ def main():
            ([("synthetic_down_MBps", "synthetic down")] if args.upstream_kind == "rust" else [])
 
     def table(base):
-        lines = ["| peer | " + " | ".join(c[1] for c in cols) + " | peak RSS |", "|" + "---|" * (len(cols) + 2)]
+        lines = ["| peer | " + " | ".join(c[1] for c in cols) + " | peak RSS | RSS in transfers |",
+                 "|" + "---|" * (len(cols) + 3)]
         for name in med:
             if name == base and base != "no proxy":
                 continue
@@ -573,8 +625,9 @@ def main():
                 else:
                     r = ratio(name, k, base)
                     cells.append("-" if r is None else f"{r:.2f}" + ("x" if "p99" in k else ""))
-            rss = med[name]["peak_rss_MiB"]
-            cells.append(f"{rss:.1f} MiB" if rss else "-")
+            for k in ("peak_rss_MiB", "transfer_rss_MiB"):
+                rss = med[name].get(k)
+                cells.append(f"{rss:.1f} MiB" if rss else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -585,7 +638,8 @@ def main():
     if "nginx" in med:
         print("\nThe same as ratios to nginx:\n")
         print(table("nginx"))
-    print(f"\nCPU per small request, the proxy's whole process tree (/proc/PID/stat), median of {args.runs} runs:\n")
+    print(f"\nCPU per small request, the proxy's whole process tree (/proc/PID/stat), median of {args.runs} runs "
+          "(in brackets, the part of it in the kernel):\n")
     cpu_keys = [f"cpu_us_c{c}" for c in args.connections]
     head = " | ".join(f"c{c}" for c in args.connections)
     lines = [f"| peer | {head} |" + (" ratio to nginx |" if "nginx" in med else ""),
@@ -593,7 +647,8 @@ def main():
     for name in med:
         if name == "no proxy":
             continue
-        cells = [f"{med[name][k]:.1f} us" if med[name].get(k) is not None else "-" for k in cpu_keys]
+        cells = [f"{med[name][k]:.1f} us ({med[name][k.replace('cpu_', 'cpu_sys_')]:.1f})"
+                 if med[name].get(k) is not None else "-" for k in cpu_keys]
         if "nginx" in med:
             rs = [ratio(name, k, "nginx") for k in cpu_keys]
             cells.append(" / ".join("-" if r is None else f"{r:.2f}" for r in rs))
