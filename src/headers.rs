@@ -15,31 +15,50 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Fields that describe one connection, never the message: RFC 9110 §7.6.1 plus the legacy
-/// `Keep-Alive`/`Proxy-Connection` and the proxy-auth pair, which belong to the hop they were sent on.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
+/// True for a field that describes one connection, never the message: RFC 9110 §7.6.1 plus the
+/// legacy `Keep-Alive`/`Proxy-Connection` and the proxy-auth pair, which belong to the hop they were
+/// sent on.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
 
-/// Removes every hop-by-hop field: each name listed in `Connection`, then the fixed set.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // `keep-alive` and `close` name no field (or the Keep-Alive field, removed anyway); a
-    // `Connection` that lists nothing else, the usual case, allocates nothing.
-    let listed: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
-        .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
-        .filter_map(|t| HeaderName::from_bytes(t).ok())
+/// Removes every hop-by-hop field: the fixed set, and each name listed in `Connection`. Returns
+/// whether a `Transfer-Encoding` was among them.
+///
+/// The fields are found in one pass over the names the message has (most have none of them, or
+/// only `Connection`): removing each of the nine names in turn was nine hash lookups, 1,380
+/// instructions of a small request's 55,800 (`bench/callgrind.sh`).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    let mut names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
         .collect();
-    for name in listed.iter().chain(&HOP_BY_HOP) {
+    if names.is_empty() {
+        return false;
+    }
+    if names.contains(&header::CONNECTION) {
+        // `keep-alive` and `close` name no field (or the Keep-Alive field, removed anyway).
+        let listed = list_items(headers, &header::CONNECTION)
+            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+            .filter_map(|t| HeaderName::from_bytes(t).ok());
+        names.extend(listed.collect::<Vec<_>>());
+    }
+    for name in &names {
         headers.remove(name);
     }
+    names.contains(&header::TRANSFER_ENCODING)
 }
 
 /// The comma-separated items of every `name` field, trimmed, as bytes: a value with bytes that are not
@@ -81,8 +100,7 @@ pub fn has_our_via(headers: &HeaderMap) -> bool {
 pub fn for_upstream(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &'static str) {
     // A chunked request body must stay chunked; hyper would otherwise send no body at all for a GET
     // or HEAD with unknown length.
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    remove_hop_by_hop(headers);
+    let chunked = remove_hop_by_hop(headers);
     if chunked && !headers.contains_key(header::CONTENT_LENGTH) {
         headers.insert(
             header::TRANSFER_ENCODING,
@@ -248,8 +266,32 @@ mod tests {
             ("x-auth-token", "t"),
             ("content-length", "5"),
         ]);
-        remove_hop_by_hop(&mut h);
+        assert!(remove_hop_by_hop(&mut h), "a Transfer-Encoding was removed");
         assert_eq!(names(&h), vec!["content-length", "host", "x-auth-token"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_goes_alone_and_only_transfer_encoding_says_so() {
+        for (name, value) in [
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-authenticate", "Basic"),
+        ] {
+            let mut h = map(&[("host", "a"), (name, value), ("x-auth-token", "t")]);
+            let chunked = remove_hop_by_hop(&mut h);
+            assert_eq!(names(&h), vec!["host", "x-auth-token"], "{name}");
+            assert_eq!(chunked, name == "transfer-encoding", "{name}");
+        }
+        // A name listed in Connection goes only with a Connection field to list it.
+        let mut h = map(&[("host", "a"), ("x-debug-hop", "1")]);
+        assert!(!remove_hop_by_hop(&mut h));
+        assert_eq!(names(&h), vec!["host", "x-debug-hop"]);
     }
 
     #[test]

@@ -261,7 +261,7 @@ impl Proxy {
         // The version belongs to each hop: the shim speaks HTTP/1.1 to its client (hyper answers an
         // HTTP/1.0 client in 1.0) whatever the upstream spoke.
         parts.version = Version::HTTP_11;
-        headers::remove_hop_by_hop(&mut parts.headers);
+        let _ = headers::remove_hop_by_hop(&mut parts.headers);
         let upstream_id = parts
             .headers
             .get(&X_OPENSTACK_REQUEST_ID)
