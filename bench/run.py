@@ -515,7 +515,10 @@ def startup_ms(binary, trials=20):
     return statistics.median(times)
 
 
+# "glance-shim, bare" (no log, no inspector) is not in the default set: it is the floor of the shim's
+# own CPU per request, what hyper and tokio cost with none of its features (`--peers` adds it).
 PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "glance-shim, capture on", "nginx", "HAProxy", "socat", "mitmdump"]
+ALL_PEERS = PEERS + ["glance-shim, bare"]
 
 
 def main():
@@ -525,7 +528,7 @@ def main():
     ap.add_argument("--bytes", type=int, default=1 << 30, help="size of each large transfer")
     ap.add_argument("--connections", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--wrk-threads", type=int, default=2, help="wrk -t for the small GETs")
-    ap.add_argument("--peers", nargs="+", default=PEERS, choices=PEERS, help="proxies to compare")
+    ap.add_argument("--peers", nargs="+", default=PEERS, choices=ALL_PEERS, help="proxies to compare")
     ap.add_argument("--shim", default=os.path.join(ROOT, "target/release/glance-shim"))
     ap.add_argument("--build", action="append", default=[], metavar="NAME=PATH",
                     help="another glance-shim binary to measure beside the others, e.g. the build "
@@ -565,6 +568,8 @@ def main():
         "glance-shim, log off": lambda: GlanceShim(upstream_port, workdir, args.shim, log=False),
         "glance-shim, inspect off": lambda: GlanceShim(upstream_port, workdir, args.shim, inspect=False),
         "glance-shim, capture on": lambda: GlanceShim(upstream_port, workdir, args.shim, capture=True),
+        "glance-shim, bare": lambda: GlanceShim(upstream_port, workdir, args.shim, log=False, inspect=False,
+                                                name="glance-shim, bare"),
         "nginx": lambda: Nginx(upstream_port, workdir),
         "HAProxy": lambda: HAProxy(upstream_port, workdir),
         "socat": lambda: Socat(upstream_port, workdir),
