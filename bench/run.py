@@ -155,14 +155,21 @@ class GlanceShim(Peer):
         # The inspector on a port of its own: the default one may be taken, which would quietly
         # measure a shim without it.
         inspect = f"127.0.0.1:{free_port()}" if self.inspect else "off"
+        self.capture_dir = tempfile.mkdtemp(prefix="capture-", dir=self.workdir) if self.capture else None
         self.proc = subprocess.Popen(
             [self.binary, "--listen", str(port), "--upstream", str(self.upstream_port), "--log-file", log,
              "--inspect", inspect]
-            + (["--capture", tempfile.mkdtemp(prefix="capture-", dir=self.workdir)] if self.capture else []),
+            + (["--capture", self.capture_dir] if self.capture else []),
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         wait_port(port, self.proc)
         return port
+
+    def stop(self):
+        """Also removes the run's capture: left behind, up to --capture-max of it per run piles up."""
+        super().stop()
+        if getattr(self, "capture_dir", None):
+            shutil.rmtree(self.capture_dir, ignore_errors=True)
 
 
 TICK = os.sysconf("SC_CLK_TCK")
