@@ -193,6 +193,8 @@ impl Server {
             inspector = inspector_url.as_deref(),
             "listening"
         );
+        // Removed as this function ends, or is dropped (a second SIGINT).
+        let mut _key_file = None;
         if let (Some((addr, inspect_listener)), Some(inspect)) = (inspector, &config.inspect) {
             if !addr.ip().is_loopback() {
                 warn!(
@@ -203,8 +205,9 @@ impl Server {
             }
             let listen = listener.local_addr().unwrap_or(addr);
             match crate::inspect::write_key_file(addr.port(), &key) {
-                Ok(path) => {
-                    debug!(file = %path.display(), "the inspector's key, for glance-shim replay")
+                Ok(file) => {
+                    debug!(file = %file.path.display(), "the inspector's key, for glance-shim replay");
+                    _key_file = Some(file);
                 }
                 Err(e) => {
                     debug!(error = %e, "the inspector's key was not written for glance-shim replay")

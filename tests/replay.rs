@@ -409,4 +409,10 @@ async fn glance_shim_replay_asks_the_running_shim_and_waits_for_the_answer() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("403") && err.contains("key"), "{err}");
     assert_eq!(echo.requests().len(), 2);
+
+    // The key goes with the run: no key of a run that is over stays on disk.
+    let mut shim = shim;
+    shim.signal("TERM");
+    assert!(shim.exit_status().await.success());
+    assert!(!key_file.exists(), "the key file outlived the shim");
 }

@@ -102,8 +102,25 @@ pub fn key_file(port: u16) -> Option<std::path::PathBuf> {
     Some(dir.join(format!("inspector-{port}.key")))
 }
 
+/// The key file written for this run: removed when dropped (the shim stops, however it stops short
+/// of being killed), so that no key of a run that is over stays on disk, if it still holds this
+/// run's key (a later run on the same port may have written its own).
+#[derive(Debug)]
+pub struct KeyFile {
+    pub path: std::path::PathBuf,
+    key: String,
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        if std::fs::read(&self.path).is_ok_and(|k| k == self.key.as_bytes()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Writes the key for `glance-shim replay` (directory 0700, file 0600).
-pub fn write_key_file(port: u16, key: &str) -> std::io::Result<std::path::PathBuf> {
+pub fn write_key_file(port: u16, key: &str) -> std::io::Result<KeyFile> {
     use std::io::Write as _;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let path = key_file(port).ok_or_else(|| std::io::Error::other("no XDG_RUNTIME_DIR or HOME"))?;
@@ -120,7 +137,10 @@ pub fn write_key_file(port: u16, key: &str) -> std::io::Result<std::path::PathBu
         .mode(0o600)
         .open(&path)?;
     file.write_all(key.as_bytes())?;
-    Ok(path)
+    Ok(KeyFile {
+        path,
+        key: key.to_owned(),
+    })
 }
 
 /// What the inspector serves from.
