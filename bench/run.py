@@ -47,22 +47,12 @@ def wait_port(port, proc, timeout=10.0):
     raise RuntimeError(f"nothing listens on {port} after {timeout}s")
 
 
-def peak_rss_mib(pid):
+def status_mib(pid, field):
+    """A memory figure of /proc/PID/status (`VmHWM`, `VmRSS`), in MiB; None once the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_mib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -80,7 +70,7 @@ class RssSampler:
     def __enter__(self):
         def sample():
             while not self.done.is_set():
-                rss = rss_mib(self.pid)
+                rss = status_mib(self.pid, "VmRSS")
                 if rss is not None:
                     self.peak = max(self.peak or 0, rss)
                 self.done.wait(0.01)
@@ -493,7 +483,7 @@ def one_run(peers, args, upload_file, rotate):
                     result[p.name][key] = value
         for p in peers:
             pid = p.pid()
-            result[p.name]["peak_rss_MiB"] = peak_rss_mib(pid) if pid else None
+            result[p.name]["peak_rss_MiB"] = status_mib(pid, "VmHWM") if pid else None
         return result
     finally:
         for p in peers:
