@@ -143,12 +143,18 @@ fn encode(e: &Exchange, body_max: usize, out: &mut Vec<u8>, sections: &mut Vec<u
     let mut secrets = Vec::new();
     let request_head = c.request_head.as_ref();
     let response_head = c.response_head.get();
-    let (request_head_len, request_type) = put_head(request_head, sections, &mut secrets);
-    let (response_head_len, response_type) = put_head(response_head, sections, &mut secrets);
-    let mut body = |kept: Option<&KeptBody>, content_type: Option<&[u8]>| {
+    let request_head_len = put_head(request_head, sections, &mut secrets);
+    let response_head_len = put_head(response_head, sections, &mut secrets);
+    let mut body = |kept: Option<&KeptBody>, head: Option<&Head>| {
         let kept = kept?;
-        let content_type = content_type.map(String::from_utf8_lossy);
-        let (bytes, masked, withheld) = match view::safe(content_type.as_deref(), kept, &secrets) {
+        let safe = if view::plain(kept, &secrets) {
+            view::Safe::Bytes(&kept.bytes)
+        } else {
+            let content_type = head.and_then(|h| h.get("content-type"));
+            let content_type = content_type.map(String::from_utf8_lossy);
+            view::safe(content_type.as_deref(), kept, &secrets)
+        };
+        let (bytes, masked, withheld) = match safe {
             view::Safe::Bytes(b) => (Cow::Borrowed(b), false, false),
             view::Safe::Masked(b) => (Cow::Owned(b), true, false),
             view::Safe::Withheld => (Cow::Borrowed(&[][..]), false, true),
@@ -165,8 +171,8 @@ fn encode(e: &Exchange, body_max: usize, out: &mut Vec<u8>, sections: &mut Vec<u
             short: kept.short.map(Cow::Borrowed),
         })
     };
-    let request_body = body(c.request_body(), request_type);
-    let response_body = body(c.response_body.get(), response_type);
+    let request_body = body(c.request_body(), request_head);
+    let response_body = body(c.response_body.get(), response_head);
     let meta = Meta {
         v: VERSION,
         saved: e.saved(),
@@ -308,19 +314,17 @@ impl<'o> Object<'o> {
 }
 
 /// Copies `head`'s lines to `out`, secret values masked and added to `secrets`; returns the bytes
-/// written and the head's content type.
-fn put_head<'h>(
-    head: Option<&'h Head>,
-    out: &mut Vec<u8>,
-    secrets: &mut Vec<String>,
-) -> (Option<usize>, Option<&'h [u8]>) {
-    let Some(head) = head else {
-        return (None, None);
-    };
-    let start = out.len();
-    let mut content_type = None;
+/// written.
+fn put_head(head: Option<&Head>, out: &mut Vec<u8>, secrets: &mut Vec<String>) -> Option<usize> {
+    let head = head?;
     let lines = head.lines();
-    // Copied in runs between secret fields: most heads have none, and go in one copy.
+    if !head.holds_secret() {
+        // Most heads (every response, as a rule): one copy, and no line looked at.
+        out.extend_from_slice(lines);
+        return Some(lines.len());
+    }
+    let start = out.len();
+    // Copied in runs between secret fields.
     let mut copied = 0;
     let mut at = 0;
     while at < lines.len() {
@@ -337,14 +341,12 @@ fn put_head<'h>(
                 out.extend_from_slice(MASKED.as_bytes());
                 out.push(b'\n');
                 copied = next;
-            } else if content_type.is_none() && name == b"content-type" {
-                content_type = Some(value);
             }
         }
         at = next;
     }
     out.extend_from_slice(&lines[copied..]);
-    (Some(out.len() - start), content_type)
+    Some(out.len() - start)
 }
 
 /// Reads the records of a file of this format: `bad` gets the number of each record that could
@@ -936,6 +938,7 @@ mod tests {
     use http::{HeaderMap, HeaderValue, Method};
 
     const TOKEN: &str = "gAAAAABtoken-value-of-a-test";
+    const COOKIE: &str = "session=cookie-value-of-a-test";
 
     fn no_eviction(_: &Exchange) {}
 
@@ -964,6 +967,7 @@ mod tests {
             "content-type",
             HeaderValue::from_static("application/octet-stream"),
         );
+        h.append("set-cookie", HeaderValue::from_static(COOKIE));
         let _ = copies
             .response_head
             .set(keeper.head(&h, &mut no_eviction).unwrap());
@@ -1003,6 +1007,7 @@ mod tests {
         let text = encoded(&e, 1 << 20);
         assert!(memchr::memmem::find(&text, TOKEN.as_bytes()).is_none());
         assert!(memchr::memmem::find(&text, b"hunter2").is_none());
+        assert!(memchr::memmem::find(&text, COOKIE.as_bytes()).is_none());
 
         let (records, bad) = decoded(&text);
         assert!(bad.is_empty(), "{bad:?}");
@@ -1015,6 +1020,11 @@ mod tests {
             request_head,
             "host:controller\nx-auth-token:<masked>\n\
              content-type:application/openstack-images-v2.1-json-patch\n"
+        );
+        let response_head = String::from_utf8(r.response_head.clone().unwrap()).unwrap();
+        assert_eq!(
+            response_head,
+            "content-type:application/octet-stream\nset-cookie:<masked>\n"
         );
         let request_body = r.request_body.as_ref().unwrap();
         assert!(request_body.masked && request_body.complete);

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use http::HeaderMap;
 
 use crate::exchange::Exchange;
+use crate::headers::is_secret_name;
 
 /// Bytes that may be kept in all, and bytes kept now.
 #[derive(Debug)]
@@ -81,6 +82,8 @@ impl Drop for Charge {
 #[derive(Debug)]
 pub struct Head {
     lines: Box<[u8]>,
+    /// A field whose value is a secret is among them (a token, say).
+    secret: bool,
     _charge: Charge,
 }
 
@@ -123,6 +126,12 @@ impl Head {
     /// The fields as kept: `name:value` lines, each ended by `\n`.
     pub fn lines(&self) -> &[u8] {
         &self.lines
+    }
+
+    /// True when a field's value is a secret ([`crate::headers::is_secret`]): without one, the lines
+    /// can leave the process as they are.
+    pub fn holds_secret(&self) -> bool {
+        self.secret
     }
 }
 
@@ -193,9 +202,11 @@ impl Keeper {
         // One pass over the map into a buffer that stays warm, then one allocation of exactly the
         // size: a record is kept long after its request, so the room it holds is what costs, and a
         // second pass to size it first cost more than this copy (measured in bench/README.md).
+        let mut secret = false;
         let lines: Box<[u8]> = SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
             for (name, value) in headers {
+                secret |= crate::headers::is_secret(name);
                 scratch.extend_from_slice(name.as_str().as_bytes());
                 scratch.push(b':');
                 scratch.extend_from_slice(value.as_bytes());
@@ -206,6 +217,7 @@ impl Keeper {
         let charge = self.charge(lines.len(), evicted)?;
         Some(Head {
             lines,
+            secret,
             _charge: charge,
         })
     }
@@ -217,10 +229,14 @@ impl Keeper {
         evicted: &mut dyn FnMut(&Exchange),
     ) -> Option<Head> {
         let charge = self.charge(lines.len(), evicted)?;
-        Some(Head {
+        let mut head = Head {
             lines: lines.into_boxed_slice(),
+            secret: false,
             _charge: charge,
-        })
+        };
+        let secret = head.fields().any(|(name, _)| is_secret_name(name));
+        head.secret = secret;
+        Some(head)
     }
 
     /// A body read back from a capture; `None` when there is no room.
@@ -384,6 +400,34 @@ mod tests {
 
     fn never_evicted(_: &Exchange) {
         panic!("nothing should be evicted");
+    }
+
+    #[test]
+    fn a_head_knows_whether_it_holds_a_secret() {
+        let keeper = Keeper::new(10, 1024, 1 << 20);
+        let mut plain = HeaderMap::new();
+        plain.append("content-type", HeaderValue::from_static("application/json"));
+        plain.append("x-openstack-request-id", HeaderValue::from_static("req-1"));
+        let head = keeper.head(&plain, &mut never_evicted).unwrap();
+        assert!(!head.holds_secret());
+        let restored = keeper.restored_head(head.lines().to_vec(), &mut never_evicted);
+        assert!(!restored.unwrap().holds_secret());
+        for name in [
+            "x-auth-token",
+            "x-subject-token",
+            "x-service-token",
+            "authorization",
+            "proxy-authorization",
+            "cookie",
+            "set-cookie",
+        ] {
+            let mut h = plain.clone();
+            h.append(name, HeaderValue::from_static("gAAAAABsecretvalue"));
+            let head = keeper.head(&h, &mut never_evicted).unwrap();
+            assert!(head.holds_secret(), "{name}");
+            let restored = keeper.restored_head(head.lines().to_vec(), &mut never_evicted);
+            assert!(restored.unwrap().holds_secret(), "{name}, read back");
+        }
     }
 
     #[test]

@@ -312,14 +312,7 @@ pub enum Safe<'a> {
 /// nothing in it is secret); any other bytes are left out if they contain, in any case, `password`,
 /// `token`, `secret` or `credential`, and are kept as they are otherwise.
 pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[String]) -> Safe<'a> {
-    let holds = |s: &String| memchr::memmem::find(&kept.bytes, s.as_bytes()).is_some();
-    let named = names_a_secret(&kept.bytes);
-    // Nothing to mask without a word that names a secret, or a secret's value, in the bytes (and no
-    // `\u` escape that could spell one): the bytes go as they are, unparsed. Most bodies are this.
-    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
-    let escaped = ESCAPE.find(&kept.bytes).is_some();
-    if !named && !escaped && !secrets.iter().any(holds) {
+    if plain(kept, secrets) {
         return Safe::Bytes(&kept.bytes);
     }
     let is_json = content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"));
@@ -335,10 +328,21 @@ pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[Strin
             false => Safe::Masked(json.to_string().into_bytes()),
         };
     }
-    match named || secrets.iter().any(holds) {
+    let holds = |s: &String| memchr::memmem::find(&kept.bytes, s.as_bytes()).is_some();
+    match names_a_secret(&kept.bytes) || secrets.iter().any(holds) {
         true => Safe::Withheld,
         false => Safe::Bytes(&kept.bytes),
     }
+}
+
+/// True when [`safe`] has nothing to mask in `kept`, without parsing it: no word that names a
+/// secret, no secret's value, and no `\u` escape that could spell one. Most bodies are this, and
+/// the caller can skip finding their content type.
+pub fn plain(kept: &KeptBody, secrets: &[String]) -> bool {
+    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
+    let holds = |s: &String| memchr::memmem::find(&kept.bytes, s.as_bytes()).is_some();
+    !names_a_secret(&kept.bytes) && ESCAPE.find(&kept.bytes).is_none() && !secrets.iter().any(holds)
 }
 
 /// The values of a request's secret header fields (its token, say), and of their words: masked
