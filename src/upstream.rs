@@ -251,11 +251,18 @@ impl ConnectorInner {
     }
 }
 
-/// How long an idle upstream connection is kept: after a burst, the pool shrinks back.
+/// How long an idle upstream connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Upstream connections kept idle at most; more than glance ever needs, few enough to bound memory.
 const MAX_IDLE: usize = 256;
+
+/// Idle connections kept for the whole [`IDLE_TIMEOUT`]. Those past them that stay unused for a
+/// [`QUIET`] are what a burst left (64 after `wrk -c64`): each holds hyper's buffers, about 40 KiB.
+const KEEP_WARM: usize = 8;
+
+/// How long connections past [`KEEP_WARM`] may stay idle, and how often the pool looks.
+const QUIET: Duration = Duration::from_secs(1);
 
 /// Keep-alive connections to the upstream, and the sending of requests on them.
 ///
@@ -305,17 +312,38 @@ where
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes idle connections unused for the idle timeout; runs for the life of the pool.
+    /// Closes idle connections as [`Pool::reap`] says, every [`QUIET`], for the life of the pool;
+    /// once a burst's connections are closed (and their tasks have freed their buffers, by the next
+    /// look), gives the memory back to the system.
     pub async fn reap_idle(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.idle_timeout / 3);
+        let mut tick = tokio::time::interval(QUIET);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closed = 0;
         loop {
             tick.tick().await;
-            let now = Instant::now();
-            let timeout = self.idle_timeout;
-            self.idle()
-                .retain(|(sender, since)| !sender.is_closed() && now - *since < timeout);
+            if closed >= KEEP_WARM {
+                give_back_memory(closed);
+            }
+            closed = self.reap(Instant::now());
         }
+    }
+
+    /// Closes the idle connections that are closed already or idle past the idle timeout, and those
+    /// past the [`KEEP_WARM`] most recently used that have been idle for a [`QUIET`]: what a burst
+    /// left. Returns how many were closed.
+    fn reap(&self, now: Instant) -> usize {
+        let timeout = self.idle_timeout;
+        let mut idle = self.idle();
+        let before = idle.len();
+        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < timeout);
+        // Oldest first: the ones a burst left are at the front.
+        let surplus = idle.len().saturating_sub(KEEP_WARM);
+        let left = idle[..surplus]
+            .iter()
+            .take_while(|(_, since)| now - *since >= QUIET)
+            .count();
+        idle.drain(..left);
+        before - idle.len()
     }
 
     /// The most recently used idle connection that is still open (the likeliest to still be alive).
@@ -372,6 +400,26 @@ where
             }
         }
     }
+}
+
+/// Returns the heap's free pages to the system after `closed` connections were closed. glibc keeps
+/// freed memory in the process unless asked: after `wrk -c64`, RSS stayed at 12.5 MiB, and closing the
+/// burst's connections alone changed nothing; closing them and trimming brought it to 9.7 MiB (the
+/// inspector's 1,000 records kept). The trim takes about 0.8 ms of the serving thread, once per burst.
+fn give_back_memory(closed: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let started = std::time::Instant::now();
+        // SAFETY: malloc_trim only returns free memory of the allocator's own to the system.
+        unsafe { libc::malloc_trim(0) };
+        debug!(
+            closed,
+            took_us = started.elapsed().as_micros() as u64,
+            "idle upstream connections left by a burst closed, and their memory given back"
+        );
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = closed;
 }
 
 /// Why a request could not be exchanged with the upstream.
@@ -509,6 +557,44 @@ mod tests {
             Some(true)
         );
         assert_eq!(connections.load(Ordering::SeqCst), 3, "no new connection");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_a_burst_left_is_closed_after_a_quiet_second_but_a_few_stay_warm() {
+        let (upstream, connections) = upstream().await;
+        let pool = pool(&upstream, 64);
+        let burst = KEEP_WARM + 4;
+        let mut leases = Vec::new();
+        for _ in 0..burst {
+            leases.push(
+                pool.send(Request::new(Empty::new()), || {})
+                    .await
+                    .unwrap()
+                    .1,
+            );
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), burst);
+        for lease in leases {
+            lease.release();
+        }
+        assert_eq!(pool.reap(Instant::now()), 0, "not yet quiet");
+        tokio::time::advance(QUIET / 2).await;
+        roundtrip(&pool).await; // one in use meanwhile
+        tokio::time::advance(QUIET / 2).await;
+        assert_eq!(pool.reap(Instant::now()), 4);
+        assert_eq!(pool.idle().len(), KEEP_WARM);
+        let newest = pool.idle().last().map(|(_, since)| *since).unwrap();
+        assert_eq!(newest, Instant::now() - QUIET / 2, "the one used is kept");
+        tokio::time::advance(QUIET * 5).await;
+        assert_eq!(pool.reap(Instant::now()), 0, "the warm ones stay");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(
+            pool.reap(Instant::now()),
+            KEEP_WARM,
+            "until the idle timeout"
+        );
+        roundtrip(&pool).await;
+        assert_eq!(connections.load(Ordering::SeqCst), burst + 1);
     }
 
     #[tokio::test]
