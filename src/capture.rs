@@ -774,7 +774,9 @@ impl Writer {
 }
 
 /// Removes the oldest files in `dir` until the others leave room for the current one to grow to
-/// its size (never the current one): the directory stays within `max`, give or take one record.
+/// its size: the directory stays within `max`, give or take one record. Never the current one, nor
+/// the file another running shim writes to (two shims on one directory would otherwise remove each
+/// other's, and what they wrote after would be lost).
 fn prune(dir: &Path, max: u64, current: &Path) {
     // One at a time: two that listed the same files would each remove the oldest.
     static ONE: Mutex<()> = Mutex::new(());
@@ -782,14 +784,50 @@ fn prune(dir: &Path, max: u64, current: &Path) {
     let files = capture_files(dir);
     let mut total: u64 = files.iter().map(|(_, size)| size).sum();
     let room = max.saturating_sub(file_max(max));
-    for (path, size) in files {
-        if total <= room || path == current {
+    let written = written_by_others(&files);
+    for (path, size) in &files {
+        if total <= room {
             break;
         }
-        if fs::remove_file(&path).is_ok() {
+        if path == current || written.contains(&path) {
+            continue;
+        }
+        if fs::remove_file(path).is_ok() {
             total -= size;
         }
     }
+}
+
+/// The files that other shims still running write to: each one's newest (a file is named
+/// `capture-TIME-PID`). A process that took the number of one that has stopped keeps that shim's
+/// last file from being removed while it runs: the directory can then exceed its bound by a file.
+fn written_by_others(files: &[(PathBuf, u64)]) -> Vec<&PathBuf> {
+    let pid_of = |path: &Path| -> Option<i32> {
+        let stem = path.file_stem()?.to_str()?;
+        stem.rsplit('-').next()?.parse().ok()
+    };
+    let mut newest: Vec<(i32, &PathBuf)> = Vec::new();
+    // Oldest first, so the last seen of each is its newest.
+    for (path, _) in files {
+        let Some(pid) = pid_of(path) else { continue };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        match newest.iter_mut().find(|(p, _)| *p == pid) {
+            Some(entry) => entry.1 = path,
+            None => newest.push((pid, path)),
+        }
+    }
+    newest
+        .into_iter()
+        .filter(|&(pid, _)| {
+            // SAFETY: signal 0 only asks whether the process exists.
+            pid > 0
+                && (unsafe { libc::kill(pid, 0) } == 0
+                    || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+        })
+        .map(|(_, path)| path)
+        .collect()
 }
 
 /// The size past which a new file is started.
@@ -1128,6 +1166,38 @@ mod tests {
             let back: Meta = serde_json::from_slice(&ours).unwrap();
             assert_eq!(back.saved, meta.saved);
         }
+    }
+
+    #[test]
+    fn pruning_spares_the_file_another_running_shim_writes_to() {
+        let dir = std::env::temp_dir().join(format!("glance-shim-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        dead.wait().unwrap();
+        let (alive, dead, me) = (
+            unsafe { libc::getppid() } as u32,
+            dead.id(),
+            std::process::id(),
+        );
+        let names = [
+            format!("capture-20261127T000001Z-{dead}.rec"),
+            format!("capture-20261127T000002Z-{alive}.rec"),
+            format!("capture-20261127T000003Z-{alive}.rec"),
+            format!("capture-20261127T000004Z-{me}.rec"),
+            format!("capture-20261127T000005Z-{me}.rec"),
+        ];
+        for name in &names {
+            fs::write(dir.join(name), vec![b'x'; 1000]).unwrap();
+        }
+        // Room for nothing but the current file: everything else goes, but for the live one's newest.
+        prune(&dir, 4096, &dir.join(&names[4]));
+        let left: Vec<String> = capture_files(&dir)
+            .into_iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, [names[2].clone(), names[4].clone()]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
