@@ -1169,6 +1169,33 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_id_reads_back_as_replaced() {
+        let keeper = Keeper::new(10, 1 << 20, 1 << 20);
+        let mut headers = HeaderMap::new();
+        headers.append("x-openstack-request-id", HeaderValue::from_static(""));
+        let assigned = crate::correlation::assign(&mut headers);
+        assert_eq!(assigned.from.as_str(), "replaced");
+        let e = Exchange::new(
+            4,
+            assigned,
+            Method::GET,
+            "/v2/images".into(),
+            crate::exchange::Client::new("127.0.0.1:5000".parse().unwrap()),
+            Copies::new(None, true),
+        );
+        let (records, bad) = decoded(&encoded(&e, 1 << 20));
+        assert!(bad.is_empty(), "{bad:?}");
+        let restored = records
+            .into_iter()
+            .next()
+            .unwrap()
+            .restore(9, &keeper, &mut no_eviction)
+            .unwrap();
+        assert_eq!(restored.id, e.id);
+        assert_eq!(restored.id_from.as_str(), "replaced");
+    }
+
+    #[test]
     fn pruning_spares_the_file_another_running_shim_writes_to() {
         let dir = std::env::temp_dir().join(format!("glance-shim-prune-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);

@@ -33,6 +33,8 @@ pub enum Replaced {
     Repeated { count: usize },
     /// Present but empty: glance would ignore it and make its own.
     Empty,
+    /// Read back from a capture, which keeps that the id was replaced but not why.
+    Unrecorded,
 }
 
 impl std::fmt::Display for Replaced {
@@ -49,6 +51,11 @@ impl std::fmt::Display for Replaced {
                  repeated id"
             ),
             Replaced::Empty => write!(f, "the client sent an empty X-OpenStack-Request-ID"),
+            Replaced::Unrecorded => write!(
+                f,
+                "the client's X-OpenStack-Request-ID was replaced (read back from a capture, which \
+                 does not keep why)"
+            ),
         }
     }
 }

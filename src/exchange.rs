@@ -446,6 +446,10 @@ impl Exchange {
         let arrived = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
         let id_from = match &*saved.id_from {
             "client" => IdFrom::Client,
+            "replaced" => IdFrom::Replaced {
+                why: crate::correlation::Replaced::Unrecorded,
+                original: String::new(),
+            },
             _ => IdFrom::Shim,
         };
         let mut e = Exchange::new(
