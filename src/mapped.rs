@@ -25,10 +25,11 @@
 //!   mapping fault with SIGBUS and kill the process. A SIGBUS handler catches faults inside a
 //!   window: it maps anonymous memory over the window, so that the copy completes into memory that
 //!   is thrown away, and marks the window. The append then reports the file as truncated and the
-//!   capture starts a new file. (Truncated in the moment between a window's start and the next
-//!   one's `pwrite`, the file is extended again by it and the truncation goes unseen: what was
-//!   written before it is lost, as the truncation meant, and the records go on after a run of
-//!   zeros.) A SIGBUS anywhere else goes to the handler that was there before
+//!   capture starts a new file. The window made ready ahead is not made if the file has become
+//!   shorter than the current window's end, since its `pwrite` would extend the file again over the
+//!   truncation. (Truncated in the microseconds between that check and the `pwrite`, the truncation
+//!   goes unseen: what was written before it is lost, as the truncation meant, and the records go
+//!   on after a run of zeros.) A SIGBUS anywhere else goes to the handler that was there before
 //!   (Rust's own, for stack overflows), or to the default action.
 
 use std::fs::File;
@@ -171,14 +172,18 @@ impl MappedFile {
     /// of its time under `bench/cost.sh`'s load; made ready ahead, the capture's share of that
     /// thread fell from 6.8% to 4.3% (`perf`), and req/s with `--capture` rose 2% (`bench/cost.sh`,
     /// 12 interleaved pairs of the two builds).)
-    fn advance(&mut self) -> io::Result<()> {
+    fn advance(&mut self) -> Result<(), AppendError> {
         let left = self.window.take();
         self.forget_window();
         let page = page_size() as u64;
         let start = self.len / page * page;
         let ready = match self.next.take().map(|next| next.recv()) {
             Some(Ok(Ok(w))) if w.start == start => Some(w),
-            Some(Ok(Err(e))) => return Err(e),
+            // Truncated before the window ahead was made, and not seen by a copy since.
+            Some(Ok(Err(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(AppendError::Truncated);
+            }
+            Some(Ok(Err(e))) => return Err(e.into()),
             // Not the window needed, or the pool did not run the job (the runtime is stopping).
             Some(Ok(Ok(_)) | Err(mpsc::RecvError)) | None => None,
         };
@@ -203,8 +208,16 @@ impl MappedFile {
                 let (file, limit) = (self.file.clone(), self.limit);
                 drop(runtime.spawn_blocking(move || {
                     drop(left);
-                    let ready = prepare(&file, following, following, limit);
-                    let _ = tell.send(ready.map(|w| w.expect("below the limit")));
+                    // Truncated meanwhile: the current window's next copy faults and says so.
+                    let ready = match file.metadata() {
+                        Ok(m) if m.len() < following => Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the capture file was truncated by another program",
+                        )),
+                        _ => prepare(&file, following, following, limit)
+                            .map(|w| w.expect("below the limit")),
+                    };
+                    let _ = tell.send(ready);
                 }));
                 self.next = Some(next);
             }
