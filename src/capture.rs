@@ -1037,6 +1037,12 @@ mod tests {
         out
     }
 
+    /// The first of `records` made a record of this process again.
+    fn restore_first(records: Vec<Record>, keeper: &Keeper) -> Exchange {
+        let first = records.into_iter().next().unwrap();
+        first.restore(9, keeper, &mut no_eviction).unwrap()
+    }
+
     fn decoded(text: &[u8]) -> (Vec<Record>, Vec<(usize, String)>) {
         let (mut records, mut bad) = (Vec::new(), Vec::new());
         decode(text, &mut records, &mut bad);
@@ -1081,12 +1087,7 @@ mod tests {
         assert!(response_body.complete && !response_body.masked);
 
         // Read back as a record again, it shows the same heads and bodies.
-        let restored = records
-            .into_iter()
-            .next()
-            .unwrap()
-            .restore(9, &keeper, &mut no_eviction)
-            .unwrap();
+        let restored = restore_first(records, &keeper);
         assert!(restored.from_disk);
         assert_eq!(restored.copies.response_body.get().unwrap().bytes, response);
         assert_eq!(
@@ -1185,12 +1186,7 @@ mod tests {
         );
         let (records, bad) = decoded(&encoded(&e, 1 << 20));
         assert!(bad.is_empty(), "{bad:?}");
-        let restored = records
-            .into_iter()
-            .next()
-            .unwrap()
-            .restore(9, &keeper, &mut no_eviction)
-            .unwrap();
+        let restored = restore_first(records, &keeper);
         assert_eq!(restored.id, e.id);
         assert_eq!(restored.id_from.as_str(), "replaced");
     }

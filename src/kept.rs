@@ -229,14 +229,13 @@ impl Keeper {
         evicted: &mut dyn FnMut(&Exchange),
     ) -> Option<Head> {
         let charge = self.charge(lines.len(), evicted)?;
-        let mut head = Head {
+        let head = Head {
             lines: lines.into_boxed_slice(),
             secret: false,
             _charge: charge,
         };
         let secret = head.fields().any(|(name, _)| is_secret_name(name));
-        head.secret = secret;
-        Some(head)
+        Some(Head { secret, ..head })
     }
 
     /// A body read back from a capture; `None` when there is no room.

@@ -328,8 +328,7 @@ pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[Strin
             false => Safe::Masked(json.to_string().into_bytes()),
         };
     }
-    let holds = |s: &String| memchr::memmem::find(&kept.bytes, s.as_bytes()).is_some();
-    match names_a_secret(&kept.bytes) || secrets.iter().any(holds) {
+    match names_a_secret(&kept.bytes) || holds_a_value(&kept.bytes, secrets) {
         true => Safe::Withheld,
         false => Safe::Bytes(&kept.bytes),
     }
@@ -341,8 +340,16 @@ pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[Strin
 pub fn plain(kept: &KeptBody, secrets: &[String]) -> bool {
     static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
         LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
-    let holds = |s: &String| memchr::memmem::find(&kept.bytes, s.as_bytes()).is_some();
-    !names_a_secret(&kept.bytes) && ESCAPE.find(&kept.bytes).is_none() && !secrets.iter().any(holds)
+    !names_a_secret(&kept.bytes)
+        && ESCAPE.find(&kept.bytes).is_none()
+        && !holds_a_value(&kept.bytes, secrets)
+}
+
+/// True when `bytes` contain one of the secret values (see [`secret_values`]).
+fn holds_a_value(bytes: &[u8], secrets: &[String]) -> bool {
+    secrets
+        .iter()
+        .any(|s| memchr::memmem::find(bytes, s.as_bytes()).is_some())
 }
 
 /// The values of a request's secret header fields (its token, say), and of their words: masked
