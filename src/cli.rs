@@ -180,6 +180,8 @@ pub struct Args {
     pub inspect_body: usize,
 
     /// Bytes of heads and bodies the inspector keeps in all; past it, the oldest requests go first.
+    /// With --inspect off and --capture, the bound on what is copied of requests in flight for the
+    /// capture.
     #[arg(long, env = "GLANCE_SHIM_INSPECT_MEMORY", value_name = "SIZE", default_value = "32MiB",
           value_parser = parse_size)]
     pub inspect_memory: usize,
@@ -353,6 +355,7 @@ impl Args {
                 dir,
                 body: self.capture_body,
                 max: self.capture_max,
+                memory: self.inspect_memory,
             }),
         };
         config.validate()?;

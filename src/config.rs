@@ -358,6 +358,9 @@ pub struct Capture {
     pub body: usize,
     /// Bytes the directory may hold; past it, the oldest files go (`--capture-max`).
     pub max: usize,
+    /// Bytes of heads and bodies copied for the capture while their requests are in flight, when
+    /// there is no inspector to keep them (`--inspect-memory`).
+    pub memory: usize,
 }
 
 /// Where the inspector is served, and what it keeps.

@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::capture::Capture;
-use crate::config::{Config, HostPort, Inspect, Scheme};
+use crate::config::{Config, HostPort, Scheme};
 use crate::error::StartError;
 use crate::exchange::Client;
 use crate::inflight::{self, Registry, Rules};
@@ -119,13 +119,11 @@ impl Server {
         let inspect = inspector.as_ref().and(config.inspect.as_ref());
         let keeper = match (inspect, &config.capture) {
             (None, None) => None,
-            (inspect, capture) => {
-                let default = Inspect::default_on();
-                let i = inspect.unwrap_or(&default);
-                let keep = if inspect.is_some() { i.keep } else { 0 };
+            (Some(i), capture) => {
                 let body = i.body.max(capture.as_ref().map_or(0, |c| c.body));
-                Some(Keeper::new(keep, body, i.memory))
+                Some(Keeper::new(i.keep, body, i.memory))
             }
+            (None, Some(c)) => Some(Keeper::new(0, c.body, c.memory)),
         };
         let registry = Arc::new(Registry::new(keeper, capture));
         if let (Some(loaded), Some(c)) = (history, &config.capture) {
