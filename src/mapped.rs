@@ -47,8 +47,9 @@ use std::sync::{Arc, mpsc};
 /// with 256 KiB windows and 1.1 us with 1 MiB ones (0.9 us with 2 MiB). Under `bench/cost.sh`'s load
 /// with `--capture`, 1 MiB windows took 3.3 us less CPU per small request than 256 KiB ones and
 /// 2 MiB windows 2.65 us less (8 interleaved rounds, on a day when the capture cost 4.5-6.5 us per
-/// request with 256 KiB windows). Mapped, a window and the one made ready ahead add up to 2 MiB of
-/// page cache to the shim's RSS.
+/// request with 256 KiB windows); in one `bench/run.py --runs 5` with both builds, the capture kept
+/// 0.81x of the small-request req/s at c16 against 0.67x. Mapped, a window and the one made ready
+/// ahead add up to 2 MiB of page cache to the shim's RSS.
 const WINDOW: usize = 1 << 20;
 
 /// Windows that may be mapped at once in the process (one per capture file being written).

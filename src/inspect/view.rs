@@ -394,7 +394,7 @@ pub fn mask_values(v: &mut Value, secrets: &[String]) {
     }
 }
 
-/// The words that name a secret, and the same with `\\u` (which could spell one): looked for in a
+/// The words that name a secret, and the same with `\u` (which could spell one): looked for in a
 /// lower-case copy of a body, all at once. Through Teddy (SIMD), a 1 KiB body took 1,600
 /// instructions; through a `memmem` search for each word, 2,850; through an automaton that ignores
 /// case itself, which has no fast search, 12,900 (`bench/callgrind.sh`, with `--capture`).
