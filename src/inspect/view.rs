@@ -7,7 +7,6 @@
 //! (everything under such a field). A body that is not JSON, or was not kept whole, is never sent:
 //! only its size and type are, because its secrets could not be found.
 
-use aho_corasick::AhoCorasick;
 use std::borrow::Cow;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant, SystemTime};
@@ -339,7 +338,11 @@ pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[Strin
 /// secret, no secret's value, and no `\u` escape that could spell one. Most bodies are this, and
 /// the caller can skip finding their content type.
 pub fn plain(kept: &KeptBody, secrets: &[String]) -> bool {
-    !SECRET_WORDS_OR_ESCAPE.in_lower_case(&kept.bytes) && !holds_a_value(&kept.bytes, secrets)
+    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
+    !names_a_secret(&kept.bytes)
+        && ESCAPE.find(&kept.bytes).is_none()
+        && !holds_a_value(&kept.bytes, secrets)
 }
 
 /// True when `bytes` contain one of the secret values (see [`secret_values`]).
@@ -394,44 +397,22 @@ pub fn mask_values(v: &mut Value, secrets: &[String]) {
     }
 }
 
-/// The words that name a secret, and the same with `\u` (which could spell one): looked for in a
-/// lower-case copy of a body, all at once. Through Teddy (SIMD), a 1 KiB body took 1,600
-/// instructions; through a `memmem` search for each word, 2,850; through an automaton that ignores
-/// case itself, which has no fast search, 12,900 (`bench/callgrind.sh`, with `--capture`).
-static SECRET_WORDS: LazyLock<Words> = LazyLock::new(|| Words::new(4));
-static SECRET_WORDS_OR_ESCAPE: LazyLock<Words> = LazyLock::new(|| Words::new(5));
-
-/// Teddy where the CPU has it, else the automaton.
-struct Words(Option<aho_corasick::packed::Searcher>, AhoCorasick);
-
-impl Words {
-    fn new(n: usize) -> Words {
-        let words = &["password", "token", "secret", "credential", "\\u"][..n];
-        let automaton = AhoCorasick::new(words).expect("a few short words make an automaton");
-        Words(aho_corasick::packed::Searcher::new(words), automaton)
-    }
-
-    fn in_lower_case(&self, bytes: &[u8]) -> bool {
-        thread_local! {
-            static LOWER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-        }
-        let mut lower = LOWER.take();
-        lower.clear();
-        lower.extend(bytes.iter().map(u8::to_ascii_lowercase));
-        let found = match &self.0 {
-            Some(teddy) => teddy.find(&lower).is_some(),
-            None => self.1.is_match(&lower),
-        };
-        if lower.capacity() <= 1 << 20 {
-            LOWER.set(lower);
-        }
-        found
-    }
-}
-
 /// True when `bytes` contain, in any case, a word that names a secret.
 fn names_a_secret(bytes: &[u8]) -> bool {
-    SECRET_WORDS.in_lower_case(bytes)
+    use memchr::memmem::Finder;
+    static WORDS: LazyLock<[Finder<'static>; 4]> =
+        LazyLock::new(|| [b"password", &b"token"[..], b"secret", b"credential"].map(Finder::new));
+    thread_local! {
+        static LOWER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut lower = LOWER.take();
+    lower.clear();
+    lower.extend(bytes.iter().map(u8::to_ascii_lowercase));
+    let named = WORDS.iter().any(|word| word.find(&lower).is_some());
+    if lower.capacity() <= 1 << 20 {
+        LOWER.set(lower);
+    }
+    named
 }
 
 /// True for a JSON field name whose value is a secret.
@@ -484,43 +465,6 @@ mod tests {
         assert!(names_a_secret(b"credential"));
         assert!(!names_a_secret(b"tok"));
         assert!(!names_a_secret(b"{\"name\": \"cirros\"}"));
-    }
-
-    /// Teddy and the automaton it falls back to find the same, at any place in a long body (Teddy
-    /// works in blocks of 16 or 32 bytes).
-    #[test]
-    fn both_searches_find_the_words_and_the_escape_at_any_place() {
-        let teddy = Words::new(5);
-        #[cfg(target_arch = "x86_64")]
-        assert!(teddy.0.is_some(), "an x86-64 CPU has SSSE3 or AVX2");
-        let automaton = Words(None, Words::new(5).1);
-        let words = Words(None, Words::new(4).1);
-        for at in [0, 1, 15, 16, 31, 33, 200, 1000] {
-            for (word, named) in [
-                (&b"PassWord"[..], true),
-                (b"TOKEN", true),
-                (b"seCret", true),
-                (b"Credential", true),
-                (b"\\u0070", true),
-                (b"passwor", false),
-                (b"toke", false),
-                (b"\\n", false),
-            ] {
-                let mut body = b"{\"name\": \"cirros\", \"size\": 1}".repeat(40);
-                body.truncate(at);
-                body.extend_from_slice(word);
-                body.extend_from_slice(b"\": 1}");
-                let escape = word.starts_with(b"\\u");
-                assert_eq!(teddy.in_lower_case(&body), named, "{at} {word:?}");
-                assert_eq!(automaton.in_lower_case(&body), named, "{at} {word:?}");
-                assert_eq!(
-                    words.in_lower_case(&body),
-                    named && !escape,
-                    "{at} {word:?}"
-                );
-                assert_eq!(names_a_secret(&body), named && !escape, "{at} {word:?}");
-            }
-        }
     }
 
     #[test]
