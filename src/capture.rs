@@ -29,7 +29,7 @@ use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine as _;
@@ -42,7 +42,7 @@ use crate::exchange::{Exchange, Saved};
 use crate::headers::{MASKED, is_secret_name_bytes};
 use crate::inspect::view;
 use crate::kept::{Copies, Head, Keeper, KeptBody};
-use crate::mapped::{AppendError, MappedFile};
+use crate::mapped::{self, AppendError, MappedFile};
 
 /// Bytes of records that may wait while another thread writes; past this, records are left out of
 /// the capture (and counted). One record is always let in.
@@ -556,6 +556,9 @@ struct Shared {
     state: Mutex<State>,
     /// Lines left out because [`WAITING`] bytes were waiting.
     dropped: AtomicU64,
+    /// Writes to the file so far, and whether a task waits for them to stop to flush the file.
+    writes: AtomicU64,
+    flushing: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -600,7 +603,11 @@ impl Capture {
                 meta.permissions().mode() & 0o777
             )));
         }
-        let loaded = load(dir);
+        let mut loaded = Loaded::default();
+        recover(dir, &mut loaded.warnings);
+        let read = load(dir);
+        loaded.records = read.records;
+        loaded.warnings.extend(read.warnings);
         let writer = Writer::new(dir.clone(), config.max).map_err(|e| fail(e.to_string()))?;
         writer.prune();
         let shared = Shared {
@@ -610,6 +617,8 @@ impl Capture {
                 waiting: Vec::new(),
             }),
             dropped: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            flushing: AtomicBool::new(false),
         };
         Ok((
             Capture {
@@ -636,8 +645,12 @@ impl Capture {
     }
 }
 
+/// How long the capture is idle before the records of the segment being filled are written to
+/// the file itself (they are in the ring beside it until then).
+const IDLE: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl Shared {
-    fn record(&self, e: &Exchange) {
+    fn record(self: &Arc<Self>, e: &Exchange) {
         let mut line = LINE.take();
         let mut sections = SECTIONS.take();
         line.clear();
@@ -676,6 +689,45 @@ impl Shared {
         if batch.capacity() <= KEEP {
             LINE.set(batch);
         }
+        self.writes.fetch_add(1, Ordering::Release);
+        self.flush_when_idle();
+    }
+
+    /// Has the file flushed once the capture has been idle for [`IDLE`]: under load, the records go
+    /// to the file a whole segment at a time; at a person's pace, each is in the file a few
+    /// milliseconds after its request ends.
+    fn flush_when_idle(self: &Arc<Self>) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.flushing.store(false, Ordering::Release);
+            self.flush();
+            return;
+        };
+        let shared = self.clone();
+        runtime.spawn(async move {
+            let mut seen = shared.writes.load(Ordering::Acquire);
+            loop {
+                tokio::time::sleep(IDLE).await;
+                let now = shared.writes.load(Ordering::Acquire);
+                if now == seen {
+                    break;
+                }
+                seen = now;
+            }
+            // A write after this schedules another flush.
+            shared.flushing.store(false, Ordering::Release);
+            shared.flush();
+        });
+    }
+
+    /// Writes the segment being filled to the file, unless a thread is writing (it flushes after).
+    fn flush(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(writer) = state.writer.as_mut() {
+            writer.flush();
+        }
     }
 
     /// Counts a line left out, and says so now and then.
@@ -708,7 +760,7 @@ struct Writer {
 impl Writer {
     fn new(dir: PathBuf, max: usize) -> io::Result<Writer> {
         let max = max as u64;
-        let (file, path) = new_file(&dir, file_max(max))?;
+        let (file, path) = new_file(&dir)?;
         Ok(Writer {
             dir,
             max,
@@ -732,6 +784,20 @@ impl Writer {
                 );
             }
             Err(_) => {}
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Err(error) = self.file.flush()
+            && !self.failing
+        {
+            self.failing = true;
+            warn!(
+                file = %self.path.display(),
+                error = %error,
+                "cannot write the capture ({error}); requests are left out of it until it \
+                 can be written again"
+            );
         }
     }
 
@@ -759,7 +825,9 @@ impl Writer {
     /// 32 MiB (an eighth of the default `--capture-max`) takes milliseconds, during which the
     /// thread that serves every connection would serve none.
     fn next_file(&mut self) -> io::Result<()> {
-        (self.file, self.path) = new_file(&self.dir, file_max(self.max))?;
+        // Closed first, so that two rings are never mapped at once (RSS).
+        self.file.close();
+        (self.file, self.path) = new_file(&self.dir)?;
         let (dir, max, current) = (self.dir.clone(), self.max, self.path.clone());
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(move || prune(&dir, max, &current))),
@@ -794,6 +862,8 @@ fn prune(dir: &Path, max: u64, current: &Path) {
         }
         if fs::remove_file(path).is_ok() {
             total -= size;
+            // The ring of a shim that stopped without closing the file.
+            let _ = fs::remove_file(mapped::ring_path(path));
         }
     }
 }
@@ -802,14 +872,10 @@ fn prune(dir: &Path, max: u64, current: &Path) {
 /// `capture-TIME-PID`). A process that took the number of one that has stopped keeps that shim's
 /// last file from being removed while it runs: the directory can then exceed its bound by a file.
 fn written_by_others(files: &[(PathBuf, u64)]) -> Vec<&PathBuf> {
-    let pid_of = |path: &Path| -> Option<i32> {
-        let stem = path.file_stem()?.to_str()?;
-        stem.rsplit('-').next()?.parse().ok()
-    };
     let mut newest: Vec<(i32, &PathBuf)> = Vec::new();
     // Oldest first, so the last seen of each is its newest.
     for (path, _) in files {
-        let Some(pid) = pid_of(path) else { continue };
+        let Some(pid) = writer_of(path) else { continue };
         if pid == std::process::id() as i32 {
             continue;
         }
@@ -820,14 +886,47 @@ fn written_by_others(files: &[(PathBuf, u64)]) -> Vec<&PathBuf> {
     }
     newest
         .into_iter()
-        .filter(|&(pid, _)| {
-            // SAFETY: signal 0 only asks whether the process exists.
-            pid > 0
-                && (unsafe { libc::kill(pid, 0) } == 0
-                    || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
-        })
+        .filter(|&(pid, _)| running(pid))
         .map(|(_, path)| path)
         .collect()
+}
+
+/// The process that wrote the capture file at `path` (named `capture-TIME-PID.rec`).
+fn writer_of(path: &Path) -> Option<i32> {
+    let stem = path.file_stem()?.to_str()?;
+    stem.rsplit('-').next()?.parse().ok()
+}
+
+fn running(pid: i32) -> bool {
+    // SAFETY: signal 0 only asks whether the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Writes into their files the rings that shims which stopped without closing their files left
+/// in `dir` (killed, or crashed), so the files hold every record; a ring that cannot be read is
+/// named in `warnings`.
+fn recover(dir: &Path, warnings: &mut Vec<String>) {
+    let suffix = format!(".{EXTENSION}.ring");
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(file) = name
+            .to_str()
+            .filter(|name| name.starts_with("capture-"))
+            .and_then(|name| name.strip_suffix(".ring"))
+            .filter(|_| name.to_string_lossy().ends_with(&suffix))
+        else {
+            continue;
+        };
+        let file = dir.join(file);
+        if writer_of(&file).is_some_and(running) {
+            continue;
+        }
+        if let Err(warning) = mapped::recover(&file) {
+            warnings.push(warning);
+        }
+    }
 }
 
 /// The size past which a new file is started.
@@ -835,7 +934,7 @@ fn file_max(max: u64) -> u64 {
     (max / 8).max(4096)
 }
 
-fn new_file(dir: &Path, max: u64) -> io::Result<(MappedFile, PathBuf)> {
+fn new_file(dir: &Path) -> io::Result<(MappedFile, PathBuf)> {
     let stamp = humantime::format_rfc3339_micros(std::time::SystemTime::now())
         .to_string()
         .replace([':', '-'], "");
@@ -849,7 +948,8 @@ fn new_file(dir: &Path, max: u64) -> io::Result<(MappedFile, PathBuf)> {
         .write(true)
         .mode(0o600)
         .open(&path)?;
-    Ok((MappedFile::new(file, max), path))
+    let file = MappedFile::new(file, &path);
+    Ok((file, path))
 }
 
 /// The capture files in `dir` with their sizes, oldest first (their names sort by time).
@@ -884,7 +984,7 @@ pub struct Loaded {
 pub fn load(dir: &Path) -> Loaded {
     let mut loaded = Loaded::default();
     for (path, _) in capture_files(dir) {
-        let text = match fs::read(&path) {
+        let mut text = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) => {
                 loaded
@@ -900,6 +1000,9 @@ pub fn load(dir: &Path) -> Loaded {
                 ("line", "line")
             }
             _ => {
+                if let Err(warning) = mapped::overlay(&path, &mut text) {
+                    loaded.warnings.push(warning);
+                }
                 decode(&text, &mut loaded.records, &mut bad);
                 ("record", "record")
             }

@@ -1,61 +1,70 @@
-//! A file appended to through a shared mapping of the part of it being written, for the capture:
-//! an append is a copy into the page cache, not a `write(2)`. What was copied is the kernel's as
-//! soon as the copy ends, so a crash or SIGKILL of the shim loses nothing copied before it, as with
-//! a `write(2)`.
+//! A capture file appended to through a ring of mapped pages beside it, for the capture: an append
+//! is a copy into the page cache, not a `write(2)`. What was copied is the kernel's as soon as the
+//! copy ends, so a crash or SIGKILL of the shim loses nothing copied before it, as with a
+//! `write(2)`.
 //!
 //! On this 2-core VM a `write(2)` of a small request's record cost about 2 us of the shim's CPU,
-//! most of it in ext4's write path: three quarters of what the capture cost. Through the mapping,
+//! most of it in ext4's write path: three quarters of what the capture cost. Through a mapping,
 //! the capture's share of the shim's CPU under `wrk` fell from 13% to 8% (`perf record`), and its
 //! CPU per small request from +5.5 to +2.3 us (`bench/cost.sh`, 6 interleaved pairs).
 //!
-//! - **Windows.** The file is extended one window at a time (1 MiB, or less for a small
-//!   `--capture-max`) by writing zeros past what was appended, in one `pwrite(2)`: that puts the
-//!   pages in the page cache and reserves their blocks, so a full disk is an error from that write,
-//!   never a SIGBUS at a page fault. The window is then mapped and made writable in one
-//!   `madvise(MADV_POPULATE_WRITE)`. (Mapped over blocks from `fallocate(2)` instead, every page was
-//!   read in as zeros at its first fault, and the capture cost 11% of the CPU.) An append that
-//!   is larger than a quarter of a window is written with `pwrite(2)`; one that does not fit in
-//!   what is left of a window goes on into the next.
-//! - **Ahead.** In a tokio runtime, the next window is made ready on its blocking pool as soon as
-//!   one is started (the window left is unmapped there too), so the thread that serves connections
-//!   only copies: at the capture's rate under load, a window lasts about 5 ms.
-//! - **Closing** cuts the file to what was written. After a crash the file ends in the zeros of its
-//!   last window, which the reader skips.
-//! - **Truncation by someone else** (`truncate -s 0`, `: > file`) would make the next copy into the
-//!   mapping fault with SIGBUS and kill the process. A SIGBUS handler catches faults inside a
-//!   window: it maps anonymous memory over the window, so that the copy completes into memory that
-//!   is thrown away, and marks the window. The append then reports the file as truncated and the
-//!   capture starts a new file. The window made ready ahead is not made if the file has become
-//!   shorter than the current window's end, since its `pwrite` would extend the file again over the
-//!   truncation. (Truncated in the microseconds between that check and the `pwrite`, the truncation
-//!   goes unseen: what was written before it is lost, as the truncation meant, and the records go
-//!   on after a run of zeros.) A SIGBUS anywhere else goes to the handler that was there before
-//!   (Rust's own, for stack overflows), or to the default action.
+//! - **The ring.** Beside `capture-….rec` is `capture-….rec.ring`: a page of header and four
+//!   segments of 512 KiB, mapped once. Records are copied into the segment that stands for the
+//!   part of the file being written; the header says, for each segment, where in the file it
+//!   belongs and how many of its bytes are written (stored after each append, so a record torn by
+//!   a crash is not counted).
+//! - **Whole segments go to the file with `O_DIRECT`** on tokio's blocking pool, straight from the
+//!   ring's pages to the disk: the capture takes no new page cache, and the ring's pages are used
+//!   again and again. Mapping windows of the file itself instead (each made by a `pwrite` of zeros,
+//!   then mapped) took a new page of memory every three small requests, which on this VM (free
+//!   page reporting hands free memory back to the host) cost 3-6 us a page from one hour to the
+//!   next, against 0.3 us a page for the `O_DIRECT` write. Where the filesystem has no `O_DIRECT`
+//!   (tmpfs), the segment is written with a plain `pwrite`.
+//! - **The segment being filled** is written to the file with a plain `pwrite` when the capture
+//!   has been idle a moment ([`MappedFile::flush`]), and when the file is closed; then the ring is
+//!   removed. A reader finds every record in the file but those of the last few milliseconds, which
+//!   [`overlay`] adds from the ring.
+//! - **After a crash** the ring is still there: [`overlay`] lets a reader see what it holds, and
+//!   [`recover`] writes it into the file (each segment where it belongs: writing one twice does no
+//!   harm) and removes it.
+//! - **Truncation by someone else** (`truncate -s 0`, `: > file`) of the ring would make the next
+//!   copy into the mapping fault with SIGBUS and kill the process. A SIGBUS handler catches faults
+//!   inside a ring: it maps anonymous memory over it, so that the copy completes into memory that
+//!   is thrown away, and marks the ring. The append then reports the file as truncated and the
+//!   capture starts a new file. Truncating the `.rec` file itself drops what it held; the records
+//!   written after go on at their offsets, after a run of zeros that the reader skips. A SIGBUS
+//!   anywhere else goes to the handler that was there before (Rust's own, for stack overflows), or
+//!   to the default action.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 
-/// The largest window. ext4 puts a large `pwrite` of zeros into large folios (one folio for a 1 MiB
-/// write on Linux 6.18, from `/proc/kpageflags`), which cost less per page to make and to map: in a
-/// script of the same calls, `pwrite`, `mmap`, `madvise` and `munmap` took 1.5 us per 4 KiB page
-/// with 256 KiB windows and 1.1 us with 1 MiB ones (0.9 us with 2 MiB). Under `bench/cost.sh`'s load
-/// with `--capture`, 1 MiB windows took 3.3 us less CPU per small request than 256 KiB ones and
-/// 2 MiB windows 2.65 us less (8 interleaved rounds, on a day when the capture cost 4.5-6.5 us per
-/// request with 256 KiB windows); in one `bench/run.py --runs 5` with both builds, the capture kept
-/// 0.81x of the small-request req/s at c16 against 0.67x. Mapped, a window and the one made ready
-/// ahead add up to 2 MiB of page cache to the shim's RSS.
-const WINDOW: usize = 1 << 20;
+/// A segment of the ring: what goes to the file in one `O_DIRECT` write. At the capture's rate
+/// under `bench/cost.sh`'s load (40 MB/s) a segment fills in 12 ms and is written in 0.3-0.5 ms.
+const SEGMENT: usize = 512 << 10;
 
-/// Windows that may be mapped at once in the process (one per capture file being written).
+/// Segments in the ring: one being filled while the others are written.
+const SEGMENTS: usize = 4;
+
+/// The header: a magic number, then each segment's offset in the file and bytes written.
+const HEADER: usize = 4096;
+
+/// The ring file's size.
+const RING: usize = HEADER + SEGMENT * SEGMENTS;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"gsring01");
+
+/// Rings that may be mapped at once in the process (one per capture file being written).
 const SLOTS: usize = 16;
 
-/// Each slot: the window's address and length (0 when free), and whether a SIGBUS hit it.
+/// Each slot: the ring's address and length (0 when free), and whether a SIGBUS hit it.
 static STARTS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 static LENS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 static HIT: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
@@ -73,55 +82,102 @@ pub enum AppendError {
     Io(#[from] io::Error),
 }
 
+/// The ring beside `file`.
+pub fn ring_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".ring");
+    PathBuf::from(name)
+}
+
 /// A file being appended to.
 #[derive(Debug)]
 pub struct MappedFile {
     file: Arc<File>,
+    /// The same file opened with `O_DIRECT`; `None` where the filesystem has none.
+    direct: Option<Arc<File>>,
+    /// `None` where no ring could be made (or more than [`SLOTS`] files are written at once):
+    /// each append is then a `pwrite`.
+    ring: Option<Ring>,
+    ring_path: PathBuf,
     /// Bytes appended.
     len: u64,
-    /// No window goes past this (rounded up to a page): the file's apparent size stays within what
-    /// it is meant to grow to.
-    limit: u64,
-    window: Option<Window>,
-    /// The window after this one, being made ready on another thread.
-    next: Option<mpsc::Receiver<io::Result<Window>>>,
+    /// Bytes of the segment being filled that are in the file already.
+    flushed: u64,
+    /// Whole segments being written, each with where its result will come.
+    writing: [Option<mpsc::Receiver<io::Result<()>>>; SEGMENTS],
     slot: Option<usize>,
 }
 
 #[derive(Debug)]
-struct Window {
+struct Ring {
     ptr: *mut u8,
-    /// The window's offset in the file.
-    start: u64,
-    len: usize,
 }
 
-impl Window {
-    fn end(&self) -> u64 {
-        self.start + self.len as u64
+impl Ring {
+    fn word(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: the header page is mapped for the ring's life and 8-byte aligned.
+        unsafe { &*self.ptr.add(8 * i).cast::<AtomicU64>() }
+    }
+
+    fn offset(&self, segment: usize) -> &AtomicU64 {
+        self.word(2 + 2 * segment)
+    }
+
+    fn filled(&self, segment: usize) -> &AtomicU64 {
+        self.word(3 + 2 * segment)
+    }
+
+    fn data(&self, segment: usize) -> *mut u8 {
+        // SAFETY: within the mapping.
+        unsafe { self.ptr.add(HEADER + segment * SEGMENT) }
     }
 }
 
-// A window is written only through `&mut MappedFile`; one being made ready is not written.
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: mapped by `MappedFile::new` with this length, and no longer used.
+        unsafe { libc::munmap(self.ptr.cast(), RING) };
+    }
+}
+
+// The ring is written only through `&mut MappedFile`; a segment being written to the file is not
+// written to until that is done.
 unsafe impl Send for MappedFile {}
-unsafe impl Send for Window {}
+unsafe impl Send for Ring {}
 
 impl MappedFile {
-    /// Appends to `file` (opened for reading and writing, empty), which is meant to grow to about
-    /// `limit` bytes.
-    pub fn new(file: File, limit: u64) -> MappedFile {
+    /// Appends to `file` (opened for reading and writing, empty), at `path`.
+    pub fn new(file: File, path: &Path) -> MappedFile {
         install_handler();
+        let ring_path = ring_path(path);
         let slot = (0..SLOTS).find(|&i| {
             TAKEN[i]
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         });
+        let ring = slot.and_then(|slot| {
+            let ring = make_ring(&ring_path).ok()?;
+            HIT[slot].store(false, Ordering::Release);
+            STARTS[slot].store(ring.ptr as usize, Ordering::Release);
+            LENS[slot].store(RING, Ordering::Release);
+            Some(ring)
+        });
+        let direct = ring.as_ref().and_then(|_| {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok()
+                .map(Arc::new)
+        });
         MappedFile {
             file: Arc::new(file),
+            direct,
+            ring,
+            ring_path,
             len: 0,
-            limit: limit.div_ceil(page_size() as u64) * page_size() as u64,
-            window: None,
-            next: None,
+            flushed: 0,
+            writing: [const { None }; SEGMENTS],
             slot,
         }
     }
@@ -135,186 +191,273 @@ impl MappedFile {
         self.len == 0
     }
 
-    /// Appends `bytes`: copied into the window, and on into the next one where it ends.
+    /// Appends `bytes`: copied into the ring, a segment after another.
     pub fn append(&mut self, mut bytes: &[u8]) -> Result<(), AppendError> {
-        if bytes.len() > WINDOW / 4 || self.slot.is_none() {
+        if self.ring.is_none() {
             // Written past the end of a file truncated meanwhile, it leaves zeros before it, which
             // the reader skips.
-            self.unmap_all();
             self.file.write_all_at(bytes, self.len)?;
             self.len += bytes.len() as u64;
             return Ok(());
         }
+        let slot = self.slot;
+        let hit = || slot.is_some_and(|slot| HIT[slot].load(Ordering::Acquire));
         while !bytes.is_empty() {
-            if self.window.as_ref().is_none_or(|w| self.len >= w.end()) {
-                self.advance()?;
+            let at = (self.len % SEGMENT as u64) as usize;
+            let segment = (self.len / SEGMENT as u64) as usize % SEGMENTS;
+            let start = self.len - at as u64;
+            if at == 0 {
+                // The segment's last round must be in the file before it is written over.
+                if let Some(written) = self.writing[segment].take() {
+                    written.recv().unwrap_or(Ok(()))?;
+                }
             }
-            let Some(w) = &self.window else {
-                // The limit leaves no room for a window.
-                self.file.write_all_at(bytes, self.len)?;
-                self.len += bytes.len() as u64;
-                return Ok(());
-            };
-            let at = (self.len - w.start) as usize;
-            let n = bytes.len().min(w.len - at);
-            // SAFETY: `at + n <= w.len`, the window is mapped writable and only this `&mut self`
-            // writes to it. A fault from a truncated file is turned into a write to anonymous
-            // memory by `on_sigbus`.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), w.ptr.add(at), n) };
-            if self
-                .slot
-                .is_some_and(|slot| HIT[slot].load(Ordering::Acquire))
-            {
+            let ring = self.ring.as_ref().expect("checked above");
+            if at == 0 {
+                ring.filled(segment).store(0, Ordering::Release);
+                ring.offset(segment).store(start, Ordering::Release);
+                if hit() {
+                    return Err(AppendError::Truncated);
+                }
+            }
+            let n = bytes.len().min(SEGMENT - at);
+            // SAFETY: `at + n <= SEGMENT`, the ring is mapped writable, only this `&mut self`
+            // writes to it, and this segment is not being written to the file. A fault from a
+            // truncated ring is turned into a write to anonymous memory by `on_sigbus`.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ring.data(segment).add(at), n) };
+            if hit() {
                 return Err(AppendError::Truncated);
             }
+            ring.filled(segment)
+                .store((at + n) as u64, Ordering::Release);
             self.len += n as u64;
             bytes = &bytes[n..];
+            if at + n == SEGMENT {
+                self.write_segment(segment, start)?;
+            }
         }
         Ok(())
     }
 
-    /// Moves to the window from the page `len` is in: the one made ready meanwhile if there is one,
-    /// else one made ready now. Then has the one after it made ready on tokio's blocking pool,
-    /// which also unmaps the window left: the serving thread only copies. (Made ready and unmapped
-    /// on the serving thread, the `pwrite`, `madvise`, `mmap` and `munmap` of each window were 2.9%
-    /// of its time under `bench/cost.sh`'s load; made ready ahead, the capture's share of that
-    /// thread fell from 6.8% to 4.3% (`perf`), and req/s with `--capture` rose 2% (`bench/cost.sh`,
-    /// 12 interleaved pairs of the two builds).)
-    fn advance(&mut self) -> Result<(), AppendError> {
-        let left = self.window.take();
-        self.forget_window();
-        let page = page_size() as u64;
-        let start = self.len / page * page;
-        let ready = match self.next.take().map(|next| next.recv()) {
-            Some(Ok(Ok(w))) if w.start == start => Some(w),
-            // Truncated before the window ahead was made, and not seen by a copy since.
-            Some(Ok(Err(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(AppendError::Truncated);
+    /// Has the full `segment`, from `start` in the file, written there: on tokio's blocking pool
+    /// when there is a runtime, else now.
+    fn write_segment(&mut self, segment: usize, start: u64) -> io::Result<()> {
+        let ring = self.ring.as_ref().expect("only with a ring");
+        let (data, file, direct) = (
+            ring.data(segment) as usize,
+            self.file.clone(),
+            self.direct.clone(),
+        );
+        let job = move || {
+            // SAFETY: the segment stays mapped and unwritten until this job's result is taken
+            // (`append` and `Drop` wait for it).
+            let data = unsafe { std::slice::from_raw_parts(data as *const u8, SEGMENT) };
+            write_at(&file, direct.as_deref(), data, start)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let (tell, result) = mpsc::sync_channel(1);
+                drop(runtime.spawn_blocking(move || {
+                    let _ = tell.send(job());
+                }));
+                self.writing[segment] = Some(result);
+                Ok(())
             }
-            Some(Ok(Err(e))) => return Err(e.into()),
-            // Not the window needed, or the pool did not run the job (the runtime is stopping).
-            Some(Ok(Ok(_)) | Err(mpsc::RecvError)) | None => None,
-        };
-        let window = match ready {
-            Some(w) => Some(w),
-            None => prepare(&self.file, start, self.len, self.limit)?,
-        };
-        let Some(window) = window else {
+            Err(_) => job(),
+        }
+    }
+
+    /// Writes the segment being filled to the file, as far as it goes: a reader of the file then
+    /// finds every record appended so far.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let Some(ring) = &self.ring else {
             return Ok(());
         };
-        let slot = self.slot.expect("appends without a slot use pwrite");
-        HIT[slot].store(false, Ordering::Release);
-        LENS[slot].store(0, Ordering::Release);
-        STARTS[slot].store(window.ptr as usize, Ordering::Release);
-        LENS[slot].store(window.len, Ordering::Release);
-        let following = window.end();
-        self.window = Some(window);
-        let runtime = tokio::runtime::Handle::try_current();
-        match runtime {
-            Ok(runtime) if following < self.limit => {
-                let (tell, next) = mpsc::sync_channel(1);
-                let (file, limit) = (self.file.clone(), self.limit);
-                drop(runtime.spawn_blocking(move || {
-                    drop(left);
-                    // Truncated meanwhile: the current window's next copy faults and says so.
-                    let ready = match file.metadata() {
-                        Ok(m) if m.len() < following => Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the capture file was truncated by another program",
-                        )),
-                        _ => prepare(&file, following, following, limit)
-                            .map(|w| w.expect("below the limit")),
-                    };
-                    let _ = tell.send(ready);
-                }));
-                self.next = Some(next);
-            }
-            _ => drop(left),
+        let at = (self.len % SEGMENT as u64) as usize;
+        let start = self.len - at as u64;
+        let from = self.flushed.max(start);
+        if at == 0 || from >= self.len {
+            return Ok(());
         }
+        let segment = (self.len / SEGMENT as u64) as usize % SEGMENTS;
+        // SAFETY: within the segment, which only this `&mut self` writes.
+        let data = unsafe {
+            std::slice::from_raw_parts(
+                ring.data(segment).add((from - start) as usize),
+                (self.len - from) as usize,
+            )
+        };
+        self.file.write_all_at(data, from)?;
+        self.flushed = self.len;
         Ok(())
     }
 
-    /// The window is no longer written: a SIGBUS in it is no longer ours to catch.
-    fn forget_window(&mut self) {
+    /// The segments being written, waited for: the first failure.
+    fn wait(&mut self) -> io::Result<()> {
+        let mut result = Ok(());
+        for written in self.writing.iter_mut().filter_map(Option::take) {
+            if let Ok(Err(e)) = written.recv()
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+/// Writes a whole segment at `start`: with `O_DIRECT` if the file has it, else (or if that fails)
+/// through the page cache.
+fn write_at(file: &File, direct: Option<&File>, data: &[u8], start: u64) -> io::Result<()> {
+    if let Some(direct) = direct
+        && direct.write_all_at(data, start).is_ok()
+    {
+        return Ok(());
+    }
+    file.write_all_at(data, start)
+}
+
+/// Makes the ring file (0600, as the capture's), maps it and makes its pages writable.
+fn make_ring(path: &Path) -> io::Result<Ring> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    // The ring's pages, written with zeros (mapped over a hole, each page would be made at its
+    // first fault). From a static, not the heap: glibc would keep a freed 2 MiB block's size as
+    // its threshold for what it maps apart, and the heap's RSS grew by 2 MiB under load.
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    for at in (0..RING).step_by(ZEROS.len()) {
+        file.write_all_at(&ZEROS[..ZEROS.len().min(RING - at)], at as u64)?;
+    }
+    // SAFETY: a new shared mapping of the file's pages; unmapped when the ring is dropped.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            RING,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        let error = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
+    // SAFETY: advice on the mapping just made.
+    unsafe { libc::madvise(ptr, RING, libc::MADV_POPULATE_WRITE) };
+    let ring = Ring { ptr: ptr.cast() };
+    ring.word(0).store(MAGIC, Ordering::Release);
+    Ok(ring)
+}
+
+impl MappedFile {
+    /// Writes what the ring holds to the file and removes the ring; appends after this are
+    /// `pwrite`s. A ring that could not be written out stays, for [`recover`].
+    pub fn close(&mut self) {
+        let hit = self
+            .slot
+            .is_some_and(|slot| HIT[slot].load(Ordering::Acquire));
+        // A truncated ring holds nothing more to write.
+        let written = self
+            .wait()
+            .and_then(|()| if hit { Ok(()) } else { self.flush() });
         if let Some(slot) = self.slot {
             LENS[slot].store(0, Ordering::Release);
             STARTS[slot].store(0, Ordering::Release);
         }
-    }
-
-    /// Unmaps the window and the one being made ready (waiting for it).
-    fn unmap_all(&mut self) {
-        self.forget_window();
-        self.window = None;
-        if let Some(next) = self.next.take() {
-            drop(next.recv());
+        if self.ring.take().is_some() && (written.is_ok() || hit) {
+            let _ = std::fs::remove_file(&self.ring_path);
         }
-    }
-}
-
-/// Makes the window from `start` (a page boundary) ready for copies from `from`, as far as `limit`
-/// allows: gives the file its blocks and pages by writing zeros from `from` to the window's end, in
-/// one call (mapped and written without this, each page was read in, as zeros, first), maps it,
-/// and makes every page writable in one `madvise(MADV_POPULATE_WRITE)`, rather than by a fault at
-/// the first copy into each (where the kernel cannot, before Linux 5.14, the faults do it).
-/// `None` when the limit leaves no room.
-fn prepare(file: &File, start: u64, from: u64, limit: u64) -> io::Result<Option<Window>> {
-    let len = WINDOW.min(limit.saturating_sub(start) as usize);
-    if len == 0 {
-        return Ok(None);
-    }
-    // (Zeroed memory from the allocator: its pages are the kernel's zero page until written.)
-    static ZEROS: std::sync::LazyLock<Box<[u8]>> =
-        std::sync::LazyLock::new(|| vec![0; WINDOW].into_boxed_slice());
-    file.write_all_at(&ZEROS[(from - start) as usize..len], from)?;
-    // SAFETY: a new shared mapping of the file's pages; unmapped before the file is dropped.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            start as i64,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: advice on the mapping just made.
-    unsafe { libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE) };
-    Ok(Some(Window {
-        ptr: ptr.cast(),
-        start,
-        len,
-    }))
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        // SAFETY: the window was mapped by `prepare` with this length, and is no longer used.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        if let Some(slot) = self.slot.take() {
+            TAKEN[slot].store(false, Ordering::Release);
+        }
     }
 }
 
 impl Drop for MappedFile {
-    /// Unmaps the windows and cuts the file to what was appended (after the window being made
-    /// ready, whose zeros would otherwise extend it again).
     fn drop(&mut self) {
-        self.unmap_all();
-        if let Some(slot) = self.slot {
-            TAKEN[slot].store(false, Ordering::Release);
-        }
-        if self.file.metadata().is_ok_and(|m| m.len() > self.len) {
-            let _ = self.file.set_len(self.len);
-        }
+        self.close();
     }
 }
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).unwrap_or(4096).max(4096)
+/// The segments a ring file holds: where each goes in its capture file, and its bytes.
+fn segments(ring: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
+    let word = |i: usize| {
+        ring.get(8 * i..8 * i + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if ring.len() != RING || word(0) != Some(MAGIC) {
+        return Err("not a capture ring".into());
+    }
+    let mut segments = Vec::new();
+    for segment in 0..SEGMENTS {
+        let (offset, filled) = (
+            word(2 + 2 * segment).unwrap_or(0),
+            word(3 + 2 * segment).unwrap_or(0),
+        );
+        if filled == 0 {
+            continue;
+        }
+        if filled > SEGMENT as u64 || offset % SEGMENT as u64 != 0 || offset > 1 << 40 {
+            return Err(format!("segment {segment} is corrupt"));
+        }
+        let data = HEADER + segment * SEGMENT;
+        segments.push((offset, &ring[data..data + filled as usize]));
+    }
+    Ok(segments)
+}
+
+/// Adds to `bytes`, read from the capture file at `path`, what its ring holds that the file may
+/// not: the records of a shim that is still writing it, or that was killed. `Err` names the ring.
+pub fn overlay(path: &Path, bytes: &mut Vec<u8>) -> Result<(), String> {
+    let ring_path = ring_path(path);
+    let ring = match std::fs::read(&ring_path) {
+        Ok(ring) => ring,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: cannot be read ({e})", ring_path.display())),
+    };
+    let segments =
+        segments(&ring).map_err(|why| format!("{}: {why}; skipped", ring_path.display()))?;
+    for (offset, data) in segments {
+        let (from, to) = (offset as usize, offset as usize + data.len());
+        if bytes.len() < to {
+            bytes.resize(to, 0);
+        }
+        bytes[from..to].copy_from_slice(data);
+    }
+    Ok(())
+}
+
+/// Writes what the ring beside the capture file at `path` holds into the file, and removes the
+/// ring: for a shim that stopped without closing its file. `Err` says why, naming the ring.
+pub fn recover(path: &Path) -> Result<(), String> {
+    let ring_path = ring_path(path);
+    let fail = |why: String| format!("{}: {why}", ring_path.display());
+    let ring = std::fs::read(&ring_path).map_err(|e| fail(e.to_string()))?;
+    match segments(&ring) {
+        Ok(segments) if !segments.is_empty() && path.exists() => {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| fail(e.to_string()))?;
+            for (offset, data) in segments {
+                file.write_all_at(data, offset)
+                    .map_err(|e| fail(e.to_string()))?;
+            }
+        }
+        Ok(_) => {}
+        Err(why) => {
+            return Err(fail(format!("{why}; removed"))).inspect_err(|_| {
+                let _ = std::fs::remove_file(&ring_path);
+            });
+        }
+    }
+    std::fs::remove_file(&ring_path).map_err(|e| fail(e.to_string()))
 }
 
 fn install_handler() {
@@ -346,7 +489,7 @@ extern "C" fn on_sigbus(
         let start = STARTS[slot].load(Ordering::Acquire);
         let len = LENS[slot].load(Ordering::Acquire);
         if len != 0 && (start..start + len).contains(&addr) {
-            // SAFETY: replaces the window, which only its writer (the faulting thread) uses.
+            // SAFETY: replaces the ring, which only its writer (the faulting thread) uses.
             let ptr = unsafe {
                 libc::mmap(
                     start as *mut libc::c_void,
@@ -363,7 +506,7 @@ extern "C" fn on_sigbus(
             }
         }
     }
-    // Not a window's: what would have happened without this handler.
+    // Not a ring's: what would have happened without this handler.
     match PREVIOUS.get() {
         Some(previous)
             if previous.sa_sigaction != libc::SIG_DFL && previous.sa_sigaction != libc::SIG_IGN =>
@@ -395,12 +538,11 @@ extern "C" fn on_sigbus(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::OpenOptions;
 
-    fn open(name: &str) -> (std::path::PathBuf, File) {
-        let dir = std::env::temp_dir().join(format!("glance-shim-mapped-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    fn open_in(dir: &Path, name: &str) -> (PathBuf, File) {
+        std::fs::create_dir_all(dir).unwrap();
         let path = dir.join(name);
+        let _ = std::fs::remove_file(ring_path(&path));
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -411,62 +553,160 @@ mod tests {
         (path, file)
     }
 
-    #[test]
-    fn appends_across_windows_and_large_ones_read_back_and_the_file_is_cut_at_close() {
-        appends_read_back("appends");
+    fn open(name: &str) -> (PathBuf, File) {
+        let dir = std::env::temp_dir().join(format!("glance-shim-mapped-{}", std::process::id()));
+        open_in(&dir, name)
     }
 
-    /// In a runtime, each next window is made ready on its blocking pool while the one before is
-    /// written: records that span two windows, and large ones written with `pwrite` between them.
-    #[test]
-    fn with_windows_made_ready_ahead_appends_read_back_the_same() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let _in_runtime = runtime.enter();
-        appends_read_back("ahead");
+    /// Records of many sizes, some spanning segments, some larger than the ring.
+    fn records() -> Vec<Vec<u8>> {
+        (0..300u32)
+            .map(|i| {
+                let len =
+                    [10, 1500, 40_000, 300_000, 1_200_000][i as usize % 5] / (1 + i as usize % 3);
+                (0..len).map(|j| (i as usize + j) as u8).collect()
+            })
+            .collect()
     }
 
-    fn appends_read_back(name: &str) {
-        let (path, file) = open(name);
-        let mut f = MappedFile::new(file, 1 << 30);
+    fn appends_read_back(path: &Path, file: File) {
+        let mut f = MappedFile::new(file, path);
+        assert!(ring_path(path).exists());
         let mut expected = Vec::new();
-        for i in 0..800u32 {
-            let len = [10, 1500, 40_000, 300_000][i as usize % 4] + i as usize % 7;
-            let record: Vec<u8> = (0..len).map(|j| (i as usize + j) as u8).collect();
+        for record in records() {
             f.append(&record).unwrap();
             expected.extend_from_slice(&record);
         }
         assert_eq!(f.len(), expected.len() as u64);
-        // The last window's zeros are there until the file is closed.
-        assert!(std::fs::metadata(&path).unwrap().len() >= expected.len() as u64);
+        // Before the close, the file and its ring hold it all.
+        let mut read = std::fs::read(path).unwrap();
+        overlay(path, &mut read).unwrap();
+        assert!(read == expected);
+        drop(f);
+        assert!(std::fs::read(path).unwrap() == expected);
+        assert!(
+            !ring_path(path).exists(),
+            "the ring is removed at the close"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn appends_across_segments_read_back_and_the_ring_is_gone_at_close() {
+        let (path, file) = open("appends");
+        appends_read_back(&path, file);
+    }
+
+    /// In a runtime, whole segments are written on its blocking pool while the next are filled.
+    #[test]
+    fn with_segments_written_on_the_blocking_pool_appends_read_back_the_same() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let _in_runtime = runtime.enter();
+        let (path, file) = open("pool");
+        appends_read_back(&path, file);
+    }
+
+    /// Where an `O_DIRECT` write fails (a filesystem without it, or with other alignment rules),
+    /// the segment goes through the page cache.
+    #[test]
+    fn where_o_direct_fails_appends_read_back_the_same() {
+        let (path, file) = open("no-direct");
+        let mut f = MappedFile::new(file, &path);
+        // A handle that cannot write: every `O_DIRECT` write fails.
+        f.direct = Some(Arc::new(File::open(&path).unwrap()));
+        let mut expected = Vec::new();
+        for record in records() {
+            f.append(&record).unwrap();
+            expected.extend_from_slice(&record);
+        }
         drop(f);
         assert!(std::fs::read(&path).unwrap() == expected);
         std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
-    fn windows_stay_within_the_limit() {
-        let (path, file) = open("limit");
-        let mut f = MappedFile::new(file, 8192);
-        f.append(&[1; 100]).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192);
-        f.append(&[2; 9000]).unwrap();
-        f.append(&[3; 100]).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 9200);
+    fn a_flush_puts_the_segment_being_filled_in_the_file() {
+        let (path, file) = open("flush");
+        let mut f = MappedFile::new(file, &path);
+        f.append(&[b'a'; SEGMENT + 100]).unwrap();
+        // The whole segment is in the file; the 100 bytes after it are only in the ring.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), SEGMENT as u64);
+        f.flush().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), vec![b'a'; SEGMENT + 100]);
+        f.append(b"bc").unwrap();
+        f.flush().unwrap();
+        f.flush().unwrap();
+        let mut expected = vec![b'a'; SEGMENT + 100];
+        expected.extend_from_slice(b"bc");
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
         drop(f);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A shim killed leaves its ring: a reader sees what it holds, and `recover` writes it into
+    /// the file. Only an append torn by the kill would be lost.
+    #[test]
+    fn a_ring_left_by_a_killed_writer_is_read_and_recovered() {
+        let (path, file) = open("killed");
+        let mut f = MappedFile::new(file, &path);
+        let mut expected = Vec::new();
+        for record in records().into_iter().take(40) {
+            f.append(&record).unwrap();
+            expected.extend_from_slice(&record);
+        }
+        f.wait().unwrap();
+        // As SIGKILL would: no close, no flush.
+        let slot = f.slot.unwrap();
+        std::mem::forget(f);
+        LENS[slot].store(0, Ordering::Release);
+        STARTS[slot].store(0, Ordering::Release);
+        TAKEN[slot].store(false, Ordering::Release);
+        let in_file = std::fs::read(&path).unwrap();
+        assert!(
+            in_file.len() < expected.len(),
+            "the last records are only in the ring"
+        );
+        let mut read = in_file;
+        overlay(&path, &mut read).unwrap();
+        assert!(read == expected);
+        recover(&path).unwrap();
+        assert!(std::fs::read(&path).unwrap() == expected);
+        assert!(!ring_path(&path).exists());
         std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
-    fn a_file_truncated_by_someone_else_is_reported_not_a_sigbus() {
+    fn a_corrupt_ring_is_named_and_the_file_read_as_it_is() {
+        let (path, file) = open("corrupt");
+        drop(file);
+        std::fs::write(&path, b"records").unwrap();
+        std::fs::write(ring_path(&path), b"not a ring").unwrap();
+        let mut read = std::fs::read(&path).unwrap();
+        let why = overlay(&path, &mut read).unwrap_err();
+        assert!(
+            why.contains("corrupt.rec.ring") || why.contains("corrupt.ring"),
+            "{why}"
+        );
+        assert_eq!(read, b"records");
+        assert!(recover(&path).is_err());
+        assert!(!ring_path(&path).exists(), "a corrupt ring is removed");
+        assert_eq!(std::fs::read(&path).unwrap(), b"records");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_ring_truncated_by_someone_else_is_reported_not_a_sigbus() {
         let (path, file) = open("truncated");
-        let mut f = MappedFile::new(file, 1 << 30);
+        let mut f = MappedFile::new(file, &path);
         f.append(&[b'x'; 10_000]).unwrap();
-        // `truncate -s 0` by another program, with the window still mapped.
+        // `truncate -s 0` by another program, with the ring mapped.
         OpenOptions::new()
             .write(true)
-            .open(&path)
+            .open(ring_path(&path))
             .unwrap()
             .set_len(0)
             .unwrap();
@@ -478,6 +718,20 @@ mod tests {
             }
         }
         assert!(matches!(result, Err(AppendError::Truncated)), "{result:?}");
+        drop(f);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn the_ring_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let (path, file) = open("mode");
+        let f = MappedFile::new(file, &path);
+        let mode = std::fs::metadata(ring_path(&path))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         drop(f);
         std::fs::remove_file(&path).unwrap();
     }
