@@ -649,6 +649,9 @@ impl Capture {
 /// the file itself (they are in the ring beside it until then).
 const IDLE: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// How long at most records stay only in the ring while requests keep ending.
+const STALE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Shared {
     fn record(self: &Arc<Self>, e: &Exchange) {
         let mut line = LINE.take();
@@ -662,7 +665,7 @@ impl Shared {
             return;
         }
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(mut writer) = state.writer.take() else {
+        let Some(writer) = state.writer.take() else {
             // Another thread is writing: it writes this line too, as soon as it is done.
             if state.waiting.is_empty() || state.waiting.len() + line.len() <= WAITING {
                 state.waiting.extend_from_slice(&line);
@@ -674,18 +677,7 @@ impl Shared {
             return;
         };
         drop(state);
-        // This thread writes its line, then what ended meanwhile, until nothing waits.
-        let mut batch = line;
-        loop {
-            writer.write(&batch);
-            batch.clear();
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if state.waiting.is_empty() {
-                state.writer = Some(writer);
-                break;
-            }
-            std::mem::swap(&mut state.waiting, &mut batch);
-        }
+        let batch = self.write(writer, line);
         if batch.capacity() <= KEEP {
             LINE.set(batch);
         }
@@ -693,9 +685,26 @@ impl Shared {
         self.flush_when_idle();
     }
 
-    /// Has the file flushed once the capture has been idle for [`IDLE`]: under load, the records go
-    /// to the file a whole segment at a time; at a person's pace, each is in the file a few
-    /// milliseconds after its request ends.
+    /// Writes `batch` with `writer` (taken from the state), then what ended meanwhile, until
+    /// nothing waits; puts the writer back. Returns the buffer.
+    fn write(&self, mut writer: Writer, mut batch: Vec<u8>) -> Vec<u8> {
+        loop {
+            if !batch.is_empty() {
+                writer.write(&batch);
+                batch.clear();
+            }
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.waiting.is_empty() {
+                state.writer = Some(writer);
+                return batch;
+            }
+            std::mem::swap(&mut state.waiting, &mut batch);
+        }
+    }
+
+    /// Has the file flushed once the capture has been idle for [`IDLE`], or at the latest after
+    /// [`STALE`]: under load, the records go to the file a whole segment at a time; at a person's
+    /// pace, each is in the file a few milliseconds after its request ends.
     fn flush_when_idle(self: &Arc<Self>) {
         if self.flushing.swap(true, Ordering::AcqRel) {
             return;
@@ -708,7 +717,8 @@ impl Shared {
         let shared = self.clone();
         runtime.spawn(async move {
             let mut seen = shared.writes.load(Ordering::Acquire);
-            loop {
+            let stale = tokio::time::Instant::now() + STALE;
+            while tokio::time::Instant::now() < stale {
                 tokio::time::sleep(IDLE).await;
                 let now = shared.writes.load(Ordering::Acquire);
                 if now == seen {
@@ -722,11 +732,27 @@ impl Shared {
         });
     }
 
-    /// Writes the segment being filled to the file, unless a thread is writing (it flushes after).
+    /// Writes the segment being filled to the file, unless a thread is writing (it has a flush
+    /// made after). The lock is not held meanwhile: records that end go on waiting for the writer.
     fn flush(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(writer) = state.writer.as_mut() {
+        let Some(mut writer) = state.writer.take() else {
+            return;
+        };
+        drop(state);
+        let mut batch = Vec::new();
+        loop {
+            if !batch.is_empty() {
+                writer.write(&batch);
+                batch.clear();
+            }
             writer.flush();
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.waiting.is_empty() {
+                state.writer = Some(writer);
+                return;
+            }
+            std::mem::swap(&mut state.waiting, &mut batch);
         }
     }
 
@@ -1292,6 +1318,55 @@ mod tests {
         let restored = restore_first(records, &keeper);
         assert_eq!(restored.id, e.id);
         assert_eq!(restored.id_from.as_str(), "replaced");
+    }
+
+    /// The records in the file at `path` alone, and with its ring.
+    fn in_file_and_ring(path: &Path) -> (usize, usize) {
+        let mut text = fs::read(path).unwrap();
+        let alone = decoded(&text).0.len();
+        mapped::overlay(path, &mut text).unwrap();
+        (alone, decoded(&text).0.len())
+    }
+
+    /// Records go to the file when the capture is idle for a moment, and at the latest a second
+    /// after they end while requests keep coming.
+    #[tokio::test(start_paused = true)]
+    async fn the_file_gets_the_records_when_idle_and_at_most_a_second_late() {
+        let dir = std::env::temp_dir().join(format!("glance-shim-idle-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let config = crate::config::Capture {
+            dir: dir.clone(),
+            body: 64 << 10,
+            max: 256 << 20,
+            memory: 32 << 20,
+        };
+        let (capture, _) = Capture::open(&config).unwrap();
+        let path = capture_files(&dir).pop().unwrap().0;
+        let keeper = Keeper::new(1000, 1 << 30, 1 << 30);
+        let record = |n: usize| {
+            for _ in 0..n {
+                capture.record(&Arc::new(exchange(&keeper, b"{}")));
+            }
+        };
+        record(3);
+        assert_eq!(in_file_and_ring(&path), (0, 3), "in the ring first");
+        tokio::time::sleep(IDLE * 2).await;
+        assert_eq!(in_file_and_ring(&path), (3, 3), "in the file once idle");
+        // A record every 2 ms for 0.8 s: never idle, and too little to fill a segment.
+        for _ in 0..400 {
+            record(1);
+            tokio::time::sleep(IDLE / 2 - std::time::Duration::from_micros(500)).await;
+        }
+        assert_eq!(in_file_and_ring(&path), (3, 403), "still only in the ring");
+        for _ in 0..150 {
+            record(1);
+            tokio::time::sleep(IDLE / 2 - std::time::Duration::from_micros(500)).await;
+        }
+        let (alone, all) = in_file_and_ring(&path);
+        assert_eq!(all, 553);
+        assert!(alone > 403, "in the file a second after: {alone}");
+        drop(capture);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

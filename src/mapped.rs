@@ -21,9 +21,9 @@
 //!   next, against 0.3 us a page for the `O_DIRECT` write. Where the filesystem has no `O_DIRECT`
 //!   (tmpfs), the segment is written with a plain `pwrite`.
 //! - **The segment being filled** is written to the file with a plain `pwrite` when the capture
-//!   has been idle a moment ([`MappedFile::flush`]), and when the file is closed; then the ring is
-//!   removed. A reader finds every record in the file but those of the last few milliseconds, which
-//!   [`overlay`] adds from the ring.
+//!   has been idle a moment, or a second has passed ([`MappedFile::flush`], called by the capture),
+//!   and when the file is closed; then the ring is removed. A reader finds every record in the file
+//!   but those of the last second at most, which [`overlay`] adds from the ring.
 //! - **After a crash** the ring is still there: [`overlay`] lets a reader see what it holds, and
 //!   [`recover`] writes it into the file (each segment where it belongs: writing one twice does no
 //!   harm) and removes it.
