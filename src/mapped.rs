@@ -101,7 +101,7 @@ pub struct MappedFile {
     ring_path: PathBuf,
     /// Bytes appended.
     len: u64,
-    /// Bytes of the segment being filled that are in the file already.
+    /// Where the last [`MappedFile::flush`] ended: what it wrote of the segment being filled.
     flushed: u64,
     /// Whole segments being written, each with where its result will come.
     writing: [Option<mpsc::Receiver<io::Result<()>>>; SEGMENTS],
@@ -114,17 +114,19 @@ struct Ring {
 }
 
 impl Ring {
-    fn word(&self, i: usize) -> &AtomicU64 {
+    /// Stores the header's word `i`, little-endian as [`segments`] reads it.
+    fn set(&self, i: usize, value: u64) {
         // SAFETY: the header page is mapped for the ring's life and 8-byte aligned.
-        unsafe { &*self.ptr.add(8 * i).cast::<AtomicU64>() }
+        let word = unsafe { &*self.ptr.add(8 * i).cast::<AtomicU64>() };
+        word.store(value.to_le(), Ordering::Release);
     }
 
-    fn offset(&self, segment: usize) -> &AtomicU64 {
-        self.word(2 + 2 * segment)
+    fn set_offset(&self, segment: usize, offset: u64) {
+        self.set(2 + 2 * segment, offset);
     }
 
-    fn filled(&self, segment: usize) -> &AtomicU64 {
-        self.word(3 + 2 * segment)
+    fn set_filled(&self, segment: usize, filled: usize) {
+        self.set(3 + 2 * segment, filled as u64);
     }
 
     fn data(&self, segment: usize) -> *mut u8 {
@@ -214,8 +216,8 @@ impl MappedFile {
             }
             let ring = self.ring.as_ref().expect("checked above");
             if at == 0 {
-                ring.filled(segment).store(0, Ordering::Release);
-                ring.offset(segment).store(start, Ordering::Release);
+                ring.set_filled(segment, 0);
+                ring.set_offset(segment, start);
                 if hit() {
                     return Err(AppendError::Truncated);
                 }
@@ -228,8 +230,7 @@ impl MappedFile {
             if hit() {
                 return Err(AppendError::Truncated);
             }
-            ring.filled(segment)
-                .store((at + n) as u64, Ordering::Release);
+            ring.set_filled(segment, at + n);
             self.len += n as u64;
             bytes = &bytes[n..];
             if at + n == SEGMENT {
@@ -351,7 +352,7 @@ fn make_ring(path: &Path) -> io::Result<Ring> {
     // SAFETY: advice on the mapping just made.
     unsafe { libc::madvise(ptr, RING, libc::MADV_POPULATE_WRITE) };
     let ring = Ring { ptr: ptr.cast() };
-    ring.word(0).store(MAGIC, Ordering::Release);
+    ring.set(0, MAGIC);
     Ok(ring)
 }
 
