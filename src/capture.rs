@@ -932,7 +932,7 @@ fn running(pid: i32) -> bool {
 
 /// Writes into their files the rings that shims which stopped without closing their files left
 /// in `dir` (killed, or crashed), so the files hold every record; a ring that cannot be read is
-/// named in `warnings`.
+/// named in `warnings`. Called before this shim makes its own file.
 fn recover(dir: &Path, warnings: &mut Vec<String>) {
     let suffix = format!(".{EXTENSION}.ring");
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -946,7 +946,9 @@ fn recover(dir: &Path, warnings: &mut Vec<String>) {
             continue;
         };
         let file = dir.join(file);
-        if writer_of(&file).is_some_and(running) {
+        // A ring under this process's number is from an earlier one (a container's shim has the
+        // same number at each start): this one has not made its own yet.
+        if writer_of(&file).is_some_and(|pid| pid != std::process::id() as i32 && running(pid)) {
             continue;
         }
         if let Err(warning) = mapped::recover(&file) {
@@ -1365,6 +1367,48 @@ mod tests {
         let (alone, all) = in_file_and_ring(&path);
         assert_eq!(all, 553);
         assert!(alone > 403, "in the file a second after: {alone}");
+        drop(capture);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A shim killed under the number this process has now (as in a container, where the shim
+    /// has the same number at each start) left records only in its ring: the start writes them
+    /// into its file, and a ring that is not one is named.
+    #[test]
+    fn a_start_recovers_the_rings_of_killed_shims_even_under_its_own_number() {
+        let dir = std::env::temp_dir().join(format!("glance-shim-recover-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let keeper = Keeper::new(10, 1 << 20, 1 << 20);
+        let (mut killed, path) = new_file(&dir).unwrap();
+        killed
+            .append(&encoded(&exchange(&keeper, b"{}"), 1 << 20))
+            .unwrap();
+        killed.abandon();
+        assert_eq!(in_file_and_ring(&path), (0, 1));
+        let bad = dir.join("capture-20261127T000000Z-1.rec");
+        fs::write(&bad, b"").unwrap();
+        fs::write(mapped::ring_path(&bad), b"not a ring").unwrap();
+
+        let config = crate::config::Capture {
+            dir: dir.clone(),
+            body: 64 << 10,
+            max: 256 << 20,
+            memory: 32 << 20,
+        };
+        let (capture, loaded) = Capture::open(&config).unwrap();
+        assert_eq!(loaded.records.len(), 1);
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w.contains("capture-20261127T000000Z-1.rec.ring")),
+            "{:?}",
+            loaded.warnings
+        );
+        assert_eq!(decoded(&fs::read(&path).unwrap()).0.len(), 1);
+        assert!(!mapped::ring_path(&path).exists());
         drop(capture);
         fs::remove_dir_all(&dir).unwrap();
     }

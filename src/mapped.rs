@@ -386,6 +386,22 @@ impl Drop for MappedFile {
     }
 }
 
+#[cfg(test)]
+impl MappedFile {
+    /// Leaves the file as a SIGKILL would: the ring not written out, not removed.
+    pub fn abandon(mut self) {
+        self.wait().unwrap();
+        if let Some(slot) = self.slot.take() {
+            LENS[slot].store(0, Ordering::Release);
+            STARTS[slot].store(0, Ordering::Release);
+            TAKEN[slot].store(false, Ordering::Release);
+        }
+        // Unmapped, but the file and its ring stay as they are.
+        drop(self.ring.take());
+        std::mem::forget(self);
+    }
+}
+
 /// The segments a ring file holds: where each goes in its capture file, and its bytes.
 fn segments(ring: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
     let word = |i: usize| {
@@ -659,13 +675,7 @@ mod tests {
             f.append(&record).unwrap();
             expected.extend_from_slice(&record);
         }
-        f.wait().unwrap();
-        // As SIGKILL would: no close, no flush.
-        let slot = f.slot.unwrap();
-        std::mem::forget(f);
-        LENS[slot].store(0, Ordering::Release);
-        STARTS[slot].store(0, Ordering::Release);
-        TAKEN[slot].store(false, Ordering::Release);
+        f.abandon();
         let in_file = std::fs::read(&path).unwrap();
         assert!(
             in_file.len() < expected.len(),
