@@ -677,7 +677,7 @@ impl Shared {
             return;
         };
         drop(state);
-        let batch = self.write(writer, line);
+        let batch = self.write(writer, line, false);
         if batch.capacity() <= KEEP {
             LINE.set(batch);
         }
@@ -686,12 +686,16 @@ impl Shared {
     }
 
     /// Writes `batch` with `writer` (taken from the state), then what ended meanwhile, until
-    /// nothing waits; puts the writer back. Returns the buffer.
-    fn write(&self, mut writer: Writer, mut batch: Vec<u8>) -> Vec<u8> {
+    /// nothing waits, flushing the file after each write if `flush`; puts the writer back. Returns
+    /// the buffer.
+    fn write(&self, mut writer: Writer, mut batch: Vec<u8>, flush: bool) -> Vec<u8> {
         loop {
             if !batch.is_empty() {
                 writer.write(&batch);
                 batch.clear();
+            }
+            if flush {
+                writer.flush();
             }
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             if state.waiting.is_empty() {
@@ -736,24 +740,11 @@ impl Shared {
     /// made after). The lock is not held meanwhile: records that end go on waiting for the writer.
     fn flush(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(mut writer) = state.writer.take() else {
+        let Some(writer) = state.writer.take() else {
             return;
         };
         drop(state);
-        let mut batch = Vec::new();
-        loop {
-            if !batch.is_empty() {
-                writer.write(&batch);
-                batch.clear();
-            }
-            writer.flush();
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if state.waiting.is_empty() {
-                state.writer = Some(writer);
-                return;
-            }
-            std::mem::swap(&mut state.waiting, &mut batch);
-        }
+        self.write(writer, Vec::new(), true);
     }
 
     /// Counts a line left out, and says so now and then.
