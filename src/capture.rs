@@ -1313,6 +1313,16 @@ mod tests {
         assert_eq!(restored.id_from.as_str(), "replaced");
     }
 
+    /// A capture to `dir` with the flags' defaults.
+    fn defaults(dir: &Path) -> crate::config::Capture {
+        crate::config::Capture {
+            dir: dir.to_owned(),
+            body: 64 << 10,
+            max: 256 << 20,
+            memory: 32 << 20,
+        }
+    }
+
     /// The records in the file at `path` alone, and with its ring.
     fn in_file_and_ring(path: &Path) -> (usize, usize) {
         let mut text = fs::read(path).unwrap();
@@ -1327,13 +1337,7 @@ mod tests {
     async fn the_file_gets_the_records_when_idle_and_at_most_a_second_late() {
         let dir = std::env::temp_dir().join(format!("glance-shim-idle-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let config = crate::config::Capture {
-            dir: dir.clone(),
-            body: 64 << 10,
-            max: 256 << 20,
-            memory: 32 << 20,
-        };
-        let (capture, _) = Capture::open(&config).unwrap();
+        let (capture, _) = Capture::open(&defaults(&dir)).unwrap();
         let path = capture_files(&dir).pop().unwrap().0;
         let keeper = Keeper::new(1000, 1 << 30, 1 << 30);
         let record = |n: usize| {
@@ -1382,13 +1386,7 @@ mod tests {
         fs::write(&bad, b"").unwrap();
         fs::write(mapped::ring_path(&bad), b"not a ring").unwrap();
 
-        let config = crate::config::Capture {
-            dir: dir.clone(),
-            body: 64 << 10,
-            max: 256 << 20,
-            memory: 32 << 20,
-        };
-        let (capture, loaded) = Capture::open(&config).unwrap();
+        let (capture, loaded) = Capture::open(&defaults(&dir)).unwrap();
         assert_eq!(loaded.records.len(), 1);
         assert!(
             loaded

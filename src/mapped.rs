@@ -202,12 +202,8 @@ impl MappedFile {
             self.len += bytes.len() as u64;
             return Ok(());
         }
-        let slot = self.slot;
-        let hit = || slot.is_some_and(|slot| HIT[slot].load(Ordering::Acquire));
         while !bytes.is_empty() {
-            let at = (self.len % SEGMENT as u64) as usize;
-            let segment = (self.len / SEGMENT as u64) as usize % SEGMENTS;
-            let start = self.len - at as u64;
+            let (segment, at, start) = self.position();
             if at == 0 {
                 // The segment's last round must be in the file before it is written over.
                 if let Some(written) = self.writing[segment].take() {
@@ -218,7 +214,7 @@ impl MappedFile {
             if at == 0 {
                 ring.set_filled(segment, 0);
                 ring.set_offset(segment, start);
-                if hit() {
+                if self.hit() {
                     return Err(AppendError::Truncated);
                 }
             }
@@ -227,7 +223,7 @@ impl MappedFile {
             // writes to it, and this segment is not being written to the file. A fault from a
             // truncated ring is turned into a write to anonymous memory by `on_sigbus`.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ring.data(segment).add(at), n) };
-            if hit() {
+            if self.hit() {
                 return Err(AppendError::Truncated);
             }
             ring.set_filled(segment, at + n);
@@ -238,6 +234,30 @@ impl MappedFile {
             }
         }
         Ok(())
+    }
+
+    /// Where the next byte goes: its segment, its place in it, and where that segment starts in
+    /// the file.
+    fn position(&self) -> (usize, usize, u64) {
+        let at = (self.len % SEGMENT as u64) as usize;
+        let segment = (self.len / SEGMENT as u64) as usize % SEGMENTS;
+        (segment, at, self.len - at as u64)
+    }
+
+    /// Whether a SIGBUS hit the ring: someone truncated it.
+    fn hit(&self) -> bool {
+        self.slot
+            .is_some_and(|slot| HIT[slot].load(Ordering::Acquire))
+    }
+
+    /// The ring is no longer written: a SIGBUS in it is no longer ours to catch, and its slot is
+    /// free.
+    fn release_slot(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            LENS[slot].store(0, Ordering::Release);
+            STARTS[slot].store(0, Ordering::Release);
+            TAKEN[slot].store(false, Ordering::Release);
+        }
     }
 
     /// Has the full `segment`, from `start` in the file, written there: on tokio's blocking pool
@@ -274,13 +294,11 @@ impl MappedFile {
         let Some(ring) = &self.ring else {
             return Ok(());
         };
-        let at = (self.len % SEGMENT as u64) as usize;
-        let start = self.len - at as u64;
+        let (segment, at, start) = self.position();
         let from = self.flushed.max(start);
         if at == 0 || from >= self.len {
             return Ok(());
         }
-        let segment = (self.len / SEGMENT as u64) as usize % SEGMENTS;
         // SAFETY: within the segment, which only this `&mut self` writes.
         let data = unsafe {
             std::slice::from_raw_parts(
@@ -360,22 +378,14 @@ impl MappedFile {
     /// Writes what the ring holds to the file and removes the ring; appends after this are
     /// `pwrite`s. A ring that could not be written out stays, for [`recover`].
     pub fn close(&mut self) {
-        let hit = self
-            .slot
-            .is_some_and(|slot| HIT[slot].load(Ordering::Acquire));
+        let hit = self.hit();
         // A truncated ring holds nothing more to write.
         let written = self
             .wait()
             .and_then(|()| if hit { Ok(()) } else { self.flush() });
-        if let Some(slot) = self.slot {
-            LENS[slot].store(0, Ordering::Release);
-            STARTS[slot].store(0, Ordering::Release);
-        }
+        self.release_slot();
         if self.ring.take().is_some() && (written.is_ok() || hit) {
             let _ = std::fs::remove_file(&self.ring_path);
-        }
-        if let Some(slot) = self.slot.take() {
-            TAKEN[slot].store(false, Ordering::Release);
         }
     }
 }
@@ -391,11 +401,7 @@ impl MappedFile {
     /// Leaves the file as a SIGKILL would: the ring not written out, not removed.
     pub fn abandon(mut self) {
         self.wait().unwrap();
-        if let Some(slot) = self.slot.take() {
-            LENS[slot].store(0, Ordering::Release);
-            STARTS[slot].store(0, Ordering::Release);
-            TAKEN[slot].store(false, Ordering::Release);
-        }
+        self.release_slot();
         // Unmapped, but the file and its ring stay as they are.
         drop(self.ring.take());
         std::mem::forget(self);
@@ -469,9 +475,8 @@ pub fn recover(path: &Path) -> Result<(), String> {
         }
         Ok(_) => {}
         Err(why) => {
-            return Err(fail(format!("{why}; removed"))).inspect_err(|_| {
-                let _ = std::fs::remove_file(&ring_path);
-            });
+            let _ = std::fs::remove_file(&ring_path);
+            return Err(fail(format!("{why}; removed")));
         }
     }
     std::fs::remove_file(&ring_path).map_err(|e| fail(e.to_string()))
