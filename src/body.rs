@@ -17,10 +17,10 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
-use crate::exchange::{Continue, Exchange, ExchangeGuard, Mark, Outcome, Waiting};
-use crate::inflight::Registry;
-use crate::kept::Copier;
-use crate::upstream::{Health, Lease};
+use crate::copies::Copier;
+use crate::exchange::{Continue, Exchange, Mark, Outcome, Waiting};
+use crate::inflight::{ExchangeGuard, Registry};
+use crate::upstream::Health;
 
 /// How long glance may take to answer `Expect: 100-continue` before the body is sent anyway: what
 /// curl waits before it sends its body unasked.
@@ -335,8 +335,6 @@ enum Source {
 pub struct ResponseBody {
     source: Source,
     guard: ExchangeGuard,
-    /// The upstream connection, returned to the pool when the body ends cleanly.
-    lease: Option<Lease>,
     /// Set when glance answered while the request body was still held back for its 100 Continue.
     held_back: Option<Arc<ContinueSignal>>,
     /// False until hyper has had a chance to send the head (the body said Pending once, or gave a
@@ -363,14 +361,12 @@ impl ResponseBody {
     pub fn relay(
         inner: Incoming,
         guard: ExchangeGuard,
-        lease: Option<Lease>,
         held_back: Option<Arc<ContinueSignal>>,
     ) -> Self {
         let copier = guard.registry().copier();
         ResponseBody {
             source: Source::Relay(inner),
             guard,
-            lease,
             held_back,
             head_out: false,
             failed_early: None,
@@ -386,7 +382,6 @@ impl ResponseBody {
         ResponseBody {
             source: Source::Own(Some(bytes)),
             guard,
-            lease: None,
             held_back: None,
             head_out: true,
             failed_early: None,
@@ -489,17 +484,13 @@ impl Drop for ResponseBody {
                 .set(copier.finish(ended));
         }
         // hyper stops polling once `is_end_stream` says so, so the end cannot wait for a `None`.
-        // Only a connection whose response ended cleanly, and which is not owed a request body it
-        // will never get, is worth reusing.
-        if ended
-            && self.exchange().end(Outcome::Completed, None)
-            && self.held_back.is_none()
-            && let Some(lease) = self.lease.take()
-        {
-            lease.release();
-        }
         // Otherwise the client went away, unless something else already ended the request: the
         // guard settles that when it drops, right after this.
+        if ended {
+            self.exchange().end(Outcome::Completed, None);
+        }
+        // A body held back for a 100 Continue glance never asked for is given up: the request body
+        // fails, and hyper closes that upstream connection rather than reuse it owing a body.
         if let Some(signal) = &self.held_back {
             signal.abandon();
         }

@@ -296,11 +296,11 @@ fn parse_listen(s: &str) -> Result<HostPort, AddrError> {
 
 impl Args {
     /// Validates what single flags cannot and builds the configuration.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
+    pub fn into_config(self) -> Result<Config, UsageError> {
         let listen = match (self.listen, &self.takeover) {
             (Some(listen), _) => listen,
-            (None, Some(ini)) => uwsgi::http_address(ini).map_err(ConfigError::Takeover)?,
-            (None, None) => return Err(ConfigError::NoListen),
+            (None, Some(ini)) => uwsgi::http_address(ini).map_err(UsageError::Takeover)?,
+            (None, None) => return Err(ConfigError::NoListen.into()),
         };
         // glance-api's own default bind_port: where a debug glance listens unless told otherwise.
         let upstream = self.upstream.unwrap_or_else(|| Upstream {
@@ -312,7 +312,7 @@ impl Args {
         });
         if upstream.scheme == Scheme::Http && (self.upstream_ca.is_some() || self.upstream_insecure)
         {
-            return Err(ConfigError::UpstreamTlsOnHttp(upstream));
+            return Err(ConfigError::UpstreamTlsOnHttp(upstream).into());
         }
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -361,6 +361,16 @@ impl Args {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Why the flags, each valid on its own, cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `--takeover`'s uWSGI file cannot be read, or names no address to listen on.
+    #[error("--takeover {0}")]
+    Takeover(uwsgi::IniError),
 }
 
 /// What parsing the command line came to.

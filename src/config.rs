@@ -118,6 +118,26 @@ impl HostPort {
             Host::Name(name) => Ok((name.as_str(), self.port).to_socket_addrs()?.collect()),
         }
     }
+
+    /// Listens on the first address this resolves to that can be bound, with this backlog.
+    pub fn bind(&self, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "the address resolved to nothing",
+        );
+        for addr in self.resolve()? {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
+                Ok(listener) => return Ok(listener),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
 }
 
 impl fmt::Display for HostPort {
@@ -261,8 +281,6 @@ pub enum ConfigError {
     },
     #[error("--listen or --takeover is needed")]
     NoListen,
-    #[error("--takeover {0}")]
-    Takeover(crate::uwsgi::IniError),
     #[error("--upstream-ca and --upstream-insecure apply to an https upstream; --upstream is {0}")]
     UpstreamTlsOnHttp(Upstream),
 }

@@ -1,16 +1,16 @@
 //! What happened to which request, in order, for whoever listens: the inspector's event stream.
 //!
-//! Publishing costs the proxy a short lock and, only while someone listens, a slot in a broadcast
-//! ring: it never waits for a listener. A listener that falls more than [`CAPACITY`] events behind
-//! finds out when it next reads (`Lagged`) and starts again from the records themselves.
+//! Publishing never waits for a listener: events go into tokio's broadcast ring, and a listener that
+//! falls more than [`CAPACITY`] events behind finds out when it next reads (`Lagged`) and starts
+//! again from the records themselves.
 //!
 //! Events carry no copy of a request's state, only which record changed: whoever sends one on reads
 //! the record as it is then. Every event has a sequence number, and each record remembers the number
 //! of its last event ([`Exchange::version`]), which is what lets a listener that reconnects with
 //! `Last-Event-ID` be sent every record that changed since.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use tokio::sync::broadcast;
 
@@ -53,19 +53,10 @@ pub struct Event {
 }
 
 /// The sequence of events.
-///
-/// Publishing is on every request's path, so with nobody listening it costs one atomic add: the
-/// broadcast ring (whose every call takes a lock) is used only while a listener is subscribed.
-/// Measured in bench/README.md: the lock-per-event version cost about 16 atomic operations per
-/// request, a measurable share of the inspector's cost.
 #[derive(Debug)]
 pub struct Events {
     /// The last sequence number given.
     seq: AtomicU64,
-    /// Listeners subscribed now.
-    listeners: Arc<AtomicUsize>,
-    /// Held while an event is sent, and while a listener subscribes.
-    send: Mutex<()>,
     tx: broadcast::Sender<Event>,
 }
 
@@ -73,59 +64,35 @@ impl Default for Events {
     fn default() -> Events {
         Events {
             seq: AtomicU64::new(0),
-            listeners: Arc::new(AtomicUsize::new(0)),
-            send: Mutex::new(()),
             tx: broadcast::Sender::new(CAPACITY),
         }
     }
 }
 
-/// A listener's receiver; while it lives, events are sent.
-#[derive(Debug)]
-pub struct Subscription {
-    pub rx: broadcast::Receiver<Event>,
-    listeners: Arc<AtomicUsize>,
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.listeners.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl Events {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.send.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Numbers an event about `exchange` and sends it to whoever listens.
     pub fn publish(&self, kind: Kind, exchange: &Arc<Exchange>) {
-        if let Some(seq) = self.number(exchange) {
-            self.send(seq, kind, exchange.serial, Arc::downgrade(exchange));
-        }
+        let seq = self.number(exchange);
+        self.send(seq, kind, exchange.serial, Arc::downgrade(exchange));
     }
 
     /// `exchange` is no longer kept.
     pub fn evicted(&self, exchange: &Exchange) {
-        if let Some(seq) = self.number(exchange) {
-            self.send(seq, Kind::Evicted, exchange.serial, Weak::new());
-        }
+        let seq = self.number(exchange);
+        self.send(seq, Kind::Evicted, exchange.serial, Weak::new());
     }
 
-    /// Gives `exchange` the next number; `Some` when someone listens and the event must be sent.
-    ///
-    /// A listener subscribes (under the lock) and then reads the number; a publisher numbers, marks
-    /// the record, and then looks for listeners, all in one order (SeqCst). So an event that finds
-    /// nobody listening was numbered, and its record marked, before the listener read the number:
-    /// the listener's catch-up from the records includes it.
-    fn number(&self, exchange: &Exchange) -> Option<u64> {
+    /// Gives `exchange` the next number. The record is marked before the event is sent, so a
+    /// listener that subscribes between the two finds the change in the records (see
+    /// [`Events::subscribe`]).
+    fn number(&self, exchange: &Exchange) -> u64 {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         exchange.set_version(seq);
-        (self.listeners.load(Ordering::SeqCst) > 0).then_some(seq)
+        seq
     }
 
     fn send(&self, seq: u64, kind: Kind, serial: u64, exchange: Weak<Exchange>) {
-        let _held = self.lock();
+        // An error only says that nobody listens.
         let _ = self.tx.send(Event {
             seq,
             kind,
@@ -134,20 +101,12 @@ impl Events {
         });
     }
 
-    /// The last sequence number given, and a receiver of every event after it (and perhaps of a few
-    /// before it: a listener applies full states, so a repeat is harmless).
-    pub fn subscribe(&self) -> (u64, Subscription) {
-        let _held = self.lock();
+    /// A receiver of every event sent from now on, and the last number given once it is subscribed.
+    /// An event numbered before that may still arrive (a repeat of what the records show, which a
+    /// listener applying full states takes as it comes); one numbered after it always arrives.
+    pub fn subscribe(&self) -> (u64, broadcast::Receiver<Event>) {
         let rx = self.tx.subscribe();
-        self.listeners.fetch_add(1, Ordering::SeqCst);
-        let seq = self.seq.load(Ordering::SeqCst);
-        (
-            seq,
-            Subscription {
-                rx,
-                listeners: self.listeners.clone(),
-            },
-        )
+        (self.seq.load(Ordering::SeqCst), rx)
     }
 
     /// The last sequence number given.
@@ -171,9 +130,8 @@ mod tests {
         let a = exchange(1);
         events.publish(Kind::Arrived, &a);
         assert_eq!(a.version(), 1, "numbered even with nobody listening");
-        let (seq, mut sub) = events.subscribe();
+        let (seq, mut rx) = events.subscribe();
         assert_eq!(seq, 1);
-        let rx = &mut sub.rx;
         events.publish(Kind::Done, &a);
         events.evicted(&a);
         let got: Vec<(u64, Kind, u64)> = std::iter::from_fn(|| rx.try_recv().ok())
@@ -186,8 +144,7 @@ mod tests {
     #[test]
     fn a_subscriber_that_falls_behind_is_told_and_the_publisher_never_waits() {
         let events = Events::default();
-        let (_, mut sub) = events.subscribe();
-        let rx = &mut sub.rx;
+        let (_, mut rx) = events.subscribe();
         let a = exchange(1);
         for _ in 0..CAPACITY + 10 {
             events.publish(Kind::Arrived, &a);
@@ -196,7 +153,7 @@ mod tests {
             rx.try_recv(),
             Err(broadcast::error::TryRecvError::Lagged(10))
         ));
-        drop(sub);
+        drop(rx);
         events.publish(Kind::Done, &a);
         assert_eq!(
             a.version() as usize,

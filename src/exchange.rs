@@ -4,9 +4,9 @@
 //!
 //! One [`Exchange`] is made per request and shared (`Arc`) by the pieces that move its bytes; they
 //! write into it, and everything that reports on a request reads it: the arrival line, the stall
-//! notices, the SIGUSR1 table (`inflight`) and the completion line. The completion line is written in
-//! one place, [`ExchangeGuard`]'s `Drop`: the guard is owned by the response body, which outlives the
-//! proxy's future, so every request gets exactly one line however it ended.
+//! notices, the SIGUSR1 table, the completion line, the inspector, the capture and HAR. The
+//! completion line is written once, when the registry's guard over the record is dropped
+//! (`inflight::ExchangeGuard`), from what the record says here.
 //!
 //! Moving bytes is `body`'s business and choosing what to answer is `proxy`'s; nothing here does I/O
 //! but logging.
@@ -21,12 +21,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use atomic_waker::AtomicWaker;
 use http::{HeaderValue, Method, StatusCode};
+use tracing::field::display;
 use tracing::{info, warn};
 
+use crate::copies::Copies;
 use crate::correlation::{Assigned, IdFrom};
-use crate::inflight::Registry;
-use crate::keepalive::Serving;
-use crate::kept::Copies;
 
 /// The client a connection came from, rendered once when it is accepted.
 #[derive(Debug)]
@@ -565,9 +564,9 @@ impl Exchange {
         {
             let paused = Duration::from_micros(now.saturating_sub(before));
             info!(
-                id = self.id.as_str(),
-                method = self.method.as_str(),
-                path = self.target.as_str(),
+                id = %self.id,
+                method = %self.method,
+                path = %self.target,
                 paused_s = secs(paused),
                 "the upstream is moving again after {:.1} s",
                 paused.as_secs_f64()
@@ -708,18 +707,18 @@ impl Exchange {
     /// request, this line is already in the log. `headers` are the request headers, masked.
     pub fn log_arrival(&self, headers: Option<String>) {
         info!(
-            id = self.id.as_str(),
-            method = self.method.as_str(),
-            path = self.target.as_str(),
-            client = &*self.client.text,
-            id_from = self.id_from.as_str(),
+            id = %self.id,
+            method = %self.method,
+            path = %self.target,
+            client = %self.client.text,
+            id_from = %self.id_from.as_str(),
             headers,
-            replay_of = self.replay_of.as_ref().map(|r| r.id.as_str()),
+            replay_of = self.replay_of.as_ref().map(|r| display(&r.id)),
             "arrived"
         );
         if let IdFrom::Replaced { why, original } = &self.id_from {
             warn!(
-                id = self.id.as_str(),
+                id = %self.id,
                 original = original.as_str(),
                 "{why}; sent glance-shim's id {} instead",
                 self.id
@@ -737,11 +736,11 @@ impl Exchange {
             _ => "has not answered",
         };
         warn!(
-            id = self.id.as_str(),
-            method = self.method.as_str(),
-            path = self.target.as_str(),
-            client = &*self.client.text,
-            phase = phase.as_str(),
+            id = %self.id,
+            method = %self.method,
+            path = %self.target,
+            client = %self.client.text,
+            phase = %phase.as_str(),
             waited_s = secs(idle),
             "the upstream {what} for {:.1} s: it is probably paused at a breakpoint",
             idle.as_secs_f64()
@@ -782,27 +781,40 @@ impl Exchange {
         Phase::from_u8(self.ended_in.load(Ordering::Relaxed))
     }
 
-    /// The completion line: every request gets exactly one, from [`ExchangeGuard`]'s `Drop`.
-    fn log_completion(&self, outcome: Outcome) {
+    /// Settles the record of a request that is over, however it ended: its end is marked, a request
+    /// nobody finished was left by its client, and nothing waits on it any more. Returns how it
+    /// ended.
+    pub fn settle(&self) -> Outcome {
+        self.mark(Mark::Done);
+        self.end(Outcome::ClientGone, None);
+        self.set_phase(Phase::Done);
+        // Nothing waits on a finished request: let go of the connection task's waker now, while it
+        // is hot, rather than when the kept record is dropped long after.
+        drop(self.cut_off.take());
+        self.outcome().unwrap_or(Outcome::ClientGone)
+    }
+
+    /// The completion line: every request gets exactly one, when its guard is dropped.
+    pub fn log_completion(&self, outcome: Outcome) {
         let total_ms = self.at(Mark::Done).map(millis);
         let upstream_headers_ms = self.at(Mark::UpstreamHeaders).map(millis);
         let status = self.status();
-        let expect_100 = self.expect().map(Continue::as_str);
+        let expect_100 = self.expect().map(|c| display(c.as_str()));
         // Where a request that did not complete was cut short.
-        let ended_in = (outcome != Outcome::Completed).then(|| self.ended_in().as_str());
+        let ended_in = (outcome != Outcome::Completed).then(|| display(self.ended_in().as_str()));
         macro_rules! line {
             ($level:ident) => {
                 $level!(
-                    id = self.id.as_str(),
-                    method = self.method.as_str(),
-                    path = self.target.as_str(),
-                    outcome = outcome.as_str(),
+                    id = %self.id,
+                    method = %self.method,
+                    path = %self.target,
+                    outcome = %outcome.as_str(),
                     status,
                     bytes_in = self.bytes_in(),
                     bytes_out = self.bytes_out(),
                     upstream_headers_ms,
                     total_ms,
-                    upstream_id = self.upstream_id(),
+                    upstream_id = self.upstream_id().map(display),
                     expect_100,
                     ended_in,
                     error = self.error(),
@@ -817,55 +829,6 @@ impl Exchange {
         } else {
             line!(warn);
         }
-    }
-}
-
-/// Owns an exchange while it is open: made when the request arrives, held by the proxy and then by
-/// the response body. Dropping it ends the exchange: the outcome is settled (a request nobody
-/// finished was left by its client), the completion line is written, and the request leaves the
-/// in-flight registry and its connection's serving phase.
-#[derive(Debug)]
-pub struct ExchangeGuard {
-    exchange: Arc<Exchange>,
-    registry: Arc<Registry>,
-    /// Keeps the client connection out of its idle and head timeouts while the request is served.
-    _serving: Serving,
-}
-
-impl ExchangeGuard {
-    pub(crate) fn new(
-        exchange: Arc<Exchange>,
-        registry: Arc<Registry>,
-        serving: Serving,
-    ) -> ExchangeGuard {
-        ExchangeGuard {
-            exchange,
-            registry,
-            _serving: serving,
-        }
-    }
-
-    pub fn exchange(&self) -> &Arc<Exchange> {
-        &self.exchange
-    }
-
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-}
-
-impl Drop for ExchangeGuard {
-    fn drop(&mut self) {
-        let e = &self.exchange;
-        e.mark(Mark::Done);
-        e.end(Outcome::ClientGone, None);
-        e.set_phase(Phase::Done);
-        // Nothing waits on a finished request: let go of the connection task's waker now, while it
-        // is hot, rather than when the kept record is dropped long after.
-        drop(e.cut_off.take());
-        let outcome = e.outcome().unwrap_or(Outcome::ClientGone);
-        e.log_completion(outcome);
-        self.registry.finish(e);
     }
 }
 

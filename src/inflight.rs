@@ -3,81 +3,118 @@
 //! `--upstream-timeout`, the cut-off. Both read the same clock, [`Exchange::idle`]: time spent waiting
 //! on glance with nothing moving. Time spent waiting on the client never counts.
 //!
-//! A request enters the registry when it arrives and leaves it when its [`ExchangeGuard`] is dropped;
-//! with the inspector on, it is then kept (`kept`) until newer requests push it out. Each of those
-//! moments, and glance's answer, is an event (`events`). The SIGUSR1 table and the drain report are
-//! printed from here.
+//! A request enters the registry when it arrives and leaves it when its [`ExchangeGuard`] is dropped,
+//! which writes its one completion line and hands its record to the readers: the capture, and the
+//! finished requests [`Kept`] for the inspector until newer ones, or the memory their copies need,
+//! push it out. Each of those moments, and glance's answer, is an event (`events`). The SIGUSR1 table
+//! and the drain report are printed from here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
-use crate::capture::Capture;
+use crate::capture::{Capture, Record};
+use crate::copies::{self, Budget, Charge, Copier, Copies, Head};
 use crate::events::{Events, Kind};
-use crate::exchange::{Exchange, ExchangeGuard, Outcome, Waiting};
+use crate::exchange::{Exchange, Outcome, Waiting};
 use crate::keepalive::Serving;
-use crate::kept::{Copier, Copies, Head, Keeper};
 
-/// Every request in flight, by serial number: oldest first; and, with the inspector on, the finished
-/// ones it keeps.
+/// Every request in flight, by serial number, oldest first; and the finished ones kept for the
+/// inspector.
 #[derive(Debug, Default)]
 pub struct Registry {
     open: Mutex<BTreeMap<u64, Arc<Exchange>>>,
     next_serial: AtomicU64,
     /// `None` with `--inspect off` and no `--capture`: nothing is copied, kept or published.
-    keeper: Option<Keeper>,
+    kept: Option<Kept>,
     events: Events,
-    /// With `--capture`: where each finished request is written.
+    /// With `--capture`: where each finished request is handed.
     capture: Option<Capture>,
 }
 
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Exchange>>> {
-        // A panic while holding this lock cannot leave the map inconsistent (single inserts and
-        // removes), so a poisoned lock is still usable.
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
+/// What the registry keeps of requests, and how much it may.
+#[derive(Debug)]
+pub struct Kept {
+    /// What every copy of a head or body is charged to (`--inspect-memory`).
+    budget: Arc<Budget>,
+    /// Bytes of each body copied.
+    body_max: usize,
+    /// Finished requests kept at most (`--inspect-keep`; 0 when only the capture wants copies).
+    keep: usize,
+    /// Finished requests, oldest first.
+    finished: Mutex<VecDeque<Arc<Exchange>>>,
+}
+
+impl Kept {
+    /// Keeps up to `keep` finished requests, copies up to `body_max` bytes of each body, and charges
+    /// every copy to a budget of `memory_max` bytes.
+    pub fn new(keep: usize, body_max: usize, memory_max: usize) -> Kept {
+        Kept {
+            budget: Budget::new(memory_max),
+            body_max,
+            keep,
+            finished: Mutex::new(VecDeque::new()),
+        }
     }
 
-    /// A registry that keeps what `keeper` allows, for the inspector, and writes each finished
-    /// request to `capture`.
-    pub fn new(keeper: Option<Keeper>, capture: Option<Capture>) -> Registry {
+    /// Finished requests kept at most.
+    pub fn keep(&self) -> usize {
+        self.keep
+    }
+
+    /// Bytes of copies held now.
+    pub fn memory_used(&self) -> usize {
+        self.budget.used()
+    }
+
+    fn finished(&self) -> MutexGuard<'_, VecDeque<Arc<Exchange>>> {
+        lock(&self.finished)
+    }
+}
+
+/// A lock whose data stays consistent even if a holder panicked (single inserts and removes).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// A registry that copies and keeps what `kept` allows, and hands each finished request to
+    /// `capture`.
+    pub fn new(kept: Option<Kept>, capture: Option<Capture>) -> Registry {
         Registry {
-            keeper,
+            kept,
             capture,
             ..Registry::default()
         }
     }
 
     /// Keeps the requests read back from a capture (the newest `--inspect-keep` of them), marked as
-    /// from disk; returns the number kept and the lines that could not be made records again.
-    pub fn restore(&self, lines: Vec<crate::capture::Record>) -> (usize, Vec<String>) {
-        let Some(keeper) = &self.keeper else {
+    /// from disk; returns the number kept and the ones that could not be made records again.
+    pub fn restore(&self, records: Vec<Record>) -> (usize, Vec<String>) {
+        let Some(kept) = &self.kept else {
             return (0, Vec::new());
         };
-        let skip = lines.len().saturating_sub(keeper.keep());
-        let (mut kept, mut bad) = (0, Vec::new());
-        for line in lines.into_iter().skip(skip) {
-            let id = line.saved.id.clone();
-            match line.restore(self.next_serial(), keeper, &mut |old| {
-                self.events.evicted(old)
-            }) {
+        let skip = records.len().saturating_sub(kept.keep);
+        let (mut restored, mut bad) = (0, Vec::new());
+        for record in records.into_iter().skip(skip) {
+            let id = record.saved.id.clone();
+            match record.restore(self.next_serial(), &mut |n| self.charge(n)) {
                 Ok(e) => {
-                    kept += 1;
-                    if let Some(old) = keeper.finish(Arc::new(e)) {
-                        self.events.evicted(&old);
-                    }
+                    restored += 1;
+                    self.keep(Arc::new(e));
                 }
                 Err(why) => bad.push(format!("{id}: {why}")),
             }
         }
-        (kept, bad)
+        (restored, bad)
     }
 
-    pub fn keeper(&self) -> Option<&Keeper> {
-        self.keeper.as_ref()
+    /// What is kept, with the inspector or the capture on.
+    pub fn kept(&self) -> Option<&Kept> {
+        self.kept.as_ref()
     }
 
     pub fn events(&self) -> &Events {
@@ -92,31 +129,60 @@ impl Registry {
     /// Registers a request that just arrived; it stays until the returned guard is dropped.
     pub fn open(self: &Arc<Self>, exchange: Exchange, serving: Serving) -> ExchangeGuard {
         let exchange = Arc::new(exchange);
-        self.lock().insert(exchange.serial, exchange.clone());
-        if self.keeper.is_some() {
+        lock(&self.open).insert(exchange.serial, exchange.clone());
+        if self.kept.is_some() {
             self.events.publish(Kind::Arrived, &exchange);
         }
-        ExchangeGuard::new(exchange, self.clone(), serving)
+        ExchangeGuard {
+            exchange,
+            registry: self.clone(),
+            _serving: serving,
+        }
     }
 
-    /// The request ended: out of the in-flight list and, with the inspector on, into the kept ones.
-    pub(crate) fn finish(&self, exchange: &Arc<Exchange>) {
-        self.lock().remove(&exchange.serial);
+    /// The request ended: handed to the capture, out of the in-flight list and into the kept ones.
+    fn finish(&self, exchange: &Arc<Exchange>) {
         if let Some(capture) = &self.capture {
             capture.record(exchange);
         }
-        if let Some(keeper) = &self.keeper {
+        lock(&self.open).remove(&exchange.serial);
+        if self.kept.is_some() {
             self.events.publish(Kind::Done, exchange);
-            if let Some(old) = keeper.finish(exchange.clone()) {
-                self.events.evicted(&old);
+            self.keep(exchange.clone());
+        }
+    }
+
+    /// Keeps a finished request, letting go of the oldest past `--inspect-keep`.
+    fn keep(&self, exchange: Arc<Exchange>) {
+        let Some(kept) = &self.kept else { return };
+        let mut finished = kept.finished();
+        finished.push_back(exchange);
+        let old = (finished.len() > kept.keep)
+            .then(|| finished.pop_front())
+            .flatten();
+        drop(finished);
+        if let Some(old) = old {
+            self.events.evicted(&old);
+        }
+    }
+
+    /// Charges `n` bytes of copies, letting go of the oldest finished requests to make room. `None`
+    /// when even that does not make room (or nothing is copied).
+    pub fn charge(&self, n: usize) -> Option<Charge> {
+        let kept = self.kept.as_ref()?;
+        loop {
+            if let Some(charge) = kept.budget.try_charge(n) {
+                return Some(charge);
             }
+            let oldest = kept.finished().pop_front()?;
+            self.events.evicted(&oldest);
         }
     }
 
     /// The response head went out (glance's, or the shim's own answer's): keeps a copy of `headers`
     /// and tells the listeners.
     pub fn answered(&self, exchange: &Arc<Exchange>, headers: &HeaderMap) {
-        if self.keeper.is_some() {
+        if self.kept.is_some() {
             if let Some(head) = self.copy_head(headers) {
                 let _ = exchange.copies.response_head.set(head);
             }
@@ -125,52 +191,58 @@ impl Registry {
     }
 
     /// The copies for a request that just arrived: its head as it arrived (with the request id
-    /// glance gets), with the inspector on; `bodiless` when it has no body.
+    /// glance gets); `bodiless` when it has no body.
     pub fn copies(&self, headers: &HeaderMap, bodiless: bool) -> Copies {
-        match self.keeper {
+        match self.kept {
             Some(_) => Copies::new(self.copy_head(headers), bodiless),
             None => Copies::default(),
         }
     }
 
     fn copy_head(&self, headers: &HeaderMap) -> Option<Head> {
-        let keeper = self.keeper.as_ref()?;
-        keeper.head(headers, &mut |old| self.events.evicted(old))
+        let lines = copies::lines_of(headers);
+        let charge = self.charge(lines.len())?;
+        Some(Head::new(lines, charge))
     }
 
-    /// A copier for a body, with the inspector on.
+    /// A copier for a body, when bodies are copied.
     pub fn copier(&self) -> Option<Copier> {
-        self.keeper.as_ref().map(Keeper::copier)
+        self.kept.as_ref().map(|k| Copier::new(k.body_max))
     }
 
     /// Copies what `copier` still wants of `data`, making room in the budget if it must.
     pub fn copy(&self, copier: &mut Copier, data: &[u8]) {
-        if let Some(keeper) = &self.keeper {
-            copier.take(data, |n| {
-                keeper.charge(n, &mut |old| self.events.evicted(old))
-            });
-        }
+        copier.take(data, |n| self.charge(n));
     }
 
     /// The request with this serial number, in flight or kept.
     pub fn find(&self, serial: u64) -> Option<Arc<Exchange>> {
-        if let Some(e) = self.lock().get(&serial) {
+        if let Some(e) = lock(&self.open).get(&serial) {
             return Some(e.clone());
         }
-        self.keeper.as_ref()?.find(serial)
+        let kept = self.kept.as_ref()?;
+        kept.finished().iter().find(|e| e.serial == serial).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        lock(&self.open).len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// A snapshot, oldest first.
+    /// The requests in flight, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<Exchange>> {
-        self.lock().values().cloned().collect()
+        lock(&self.open).values().cloned().collect()
+    }
+
+    /// The finished requests kept, oldest first.
+    pub fn finished(&self) -> Vec<Arc<Exchange>> {
+        self.kept
+            .as_ref()
+            .map(|k| k.finished().iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Applies the watchdog's rules to every request as of `now`.
@@ -213,6 +285,45 @@ impl Registry {
             exchange.table_row(now, &mut out);
         }
         out
+    }
+
+    /// Writes what the capture still holds and stops its writer: call once no request can end any
+    /// more (the runtime is gone).
+    pub fn close(&self) {
+        if let Some(capture) = &self.capture {
+            capture.close();
+        }
+    }
+}
+
+/// Owns a request's record while it is open: made when the request arrives, held by the proxy and
+/// then by the response body, which outlives the proxy's future. Dropping it ends the request,
+/// however it ended: the record is settled, handed to the capture, moved from the in-flight list to
+/// the kept ones, and then its one completion line is written, so that whoever reads that line
+/// finds the request everywhere else already. The client connection leaves its serving phase with it.
+#[derive(Debug)]
+pub struct ExchangeGuard {
+    exchange: Arc<Exchange>,
+    registry: Arc<Registry>,
+    /// Keeps the client connection out of its idle and head timeouts while the request is served.
+    _serving: Serving,
+}
+
+impl ExchangeGuard {
+    pub fn exchange(&self) -> &Arc<Exchange> {
+        &self.exchange
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        let outcome = self.exchange.settle();
+        self.registry.finish(&self.exchange);
+        self.exchange.log_completion(outcome);
     }
 }
 
@@ -287,6 +398,59 @@ mod tests {
         assert_eq!(r.len(), 1);
         drop(b);
         assert!(r.is_empty());
+    }
+
+    /// A finished request whose response body holds `n` bytes of copies.
+    fn finished_with(r: &Arc<Registry>, clock: &Arc<Clock>, n: usize) -> u64 {
+        let guard = open(r, clock);
+        let mut copier = r.copier().unwrap();
+        r.copy(&mut copier, &vec![0; n]);
+        let _ = guard
+            .exchange()
+            .copies
+            .response_body
+            .set(copier.finish(true));
+        guard.exchange().serial
+    }
+
+    #[test]
+    fn at_most_keep_finished_are_kept_and_the_oldest_go_first() {
+        let r = Arc::new(Registry::new(Some(Kept::new(2, 10, 1000)), None));
+        let clock = Clock::new();
+        let serials: Vec<u64> = (0..3).map(|_| finished_with(&r, &clock, 0)).collect();
+        let kept: Vec<u64> = r.finished().iter().map(|e| e.serial).collect();
+        assert_eq!(kept, serials[1..]);
+        assert!(r.find(serials[0]).is_none());
+        assert!(r.find(serials[2]).is_some());
+    }
+
+    #[test]
+    fn room_is_made_from_the_oldest_finished_and_a_full_budget_cuts_the_copy() {
+        let r = Arc::new(Registry::new(Some(Kept::new(10, 5000, 2000)), None));
+        let clock = Clock::new();
+        let oldest = finished_with(&r, &clock, 900);
+        let next = finished_with(&r, &clock, 900);
+        assert!(r.find(oldest).is_some());
+        let (_, mut sub) = r.events().subscribe();
+        // A third copy does not fit beside the two: the oldest finished goes, and says so.
+        let newest = finished_with(&r, &clock, 900);
+        let kept: Vec<u64> = r.finished().iter().map(|e| e.serial).collect();
+        assert_eq!(kept, [next, newest]);
+        let evicted: Vec<u64> = std::iter::from_fn(|| sub.try_recv().ok())
+            .filter(|e| e.kind == Kind::Evicted)
+            .map(|e| e.serial)
+            .collect();
+        assert_eq!(evicted, [oldest]);
+        assert!(r.kept().unwrap().memory_used() <= 2000);
+
+        // Nothing left to evict that frees enough: the copy stops and says why.
+        let guard = open(&r, &clock);
+        let mut copier = r.copier().unwrap();
+        r.copy(&mut copier, &[0; 5000]);
+        let body = copier.finish(true);
+        assert!(!body.complete);
+        assert_eq!(body.short, Some(copies::BUDGET_FULL));
+        drop(guard);
     }
 
     #[test]

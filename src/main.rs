@@ -8,7 +8,7 @@ use std::time::Duration;
 use glance_shim::cli::{self, Parsed};
 use glance_shim::config::Config;
 use glance_shim::error::StartError;
-use glance_shim::{logging, server, signals};
+use glance_shim::{inspect, logging, server, signals};
 
 fn main() -> ExitCode {
     let config = match cli::parse(std::env::args_os()) {
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> Result<ExitCode, StartError> {
     // Dropped last: writes out every line still queued, the cut-off requests' among them.
-    let log = logging::init(&config)?;
+    let _log = logging::init(&config)?;
     // One thread, like one nginx worker: a debugging proxy's load fits on one core, and on a small
     // machine the client, the shim and glance compete for cores, where cross-thread wake-ups only
     // add context switches (measured in bench/README.md).
@@ -60,19 +60,36 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
+    let mut registry = None;
     let code = runtime.block_on(async {
-        tokio::spawn(log.flusher());
         // Before the port is bound: once a client (or a supervisor) can connect, SIGTERM and SIGINT
         // start the drain. Registered after, one sent in between was lost when the shell had
         // started the shim in the background with SIGINT ignored, and the shim never stopped.
         let signals = signals::shutdown_signals();
-        let listener = server::bind_listener(&config)
+        let listener = config
+            .listen
+            .bind(1024)
             .map_err(|error| StartError::bind(&config.listen, error))?;
-        let server = server::Server::new(listener, config)?;
+        let inspector = match &config.inspect {
+            Some(inspect) => inspect::bind(inspect)?,
+            None => None,
+        };
+        let server = server::Server::new(listener, config, inspector.is_some())?;
+        registry = Some(server.registry());
+        // Removed when this block ends, however the shim stops short of being killed.
+        let mut _key_file = None;
+        let mut url = None;
+        if let (Some(listener), Some(inspect)) = (inspector, &server.config().inspect) {
+            let listen = server.local_addr().map_err(StartError::Runtime)?;
+            let config = server.config();
+            let started = inspect::start(listener, &config, inspect, listen, server.proxy());
+            let (address, key_file) = started.map_err(StartError::Runtime)?;
+            (url, _key_file) = (Some(address), key_file);
+        }
         let registry = server.registry();
         signals::spawn_table_on_usr1(registry.clone());
         tokio::select! {
-            () = server.run(signals::counted(signals.clone(), 1)) => Ok(ExitCode::SUCCESS),
+            () = server.run(signals::counted(signals.clone(), 1), url.as_deref()) => Ok(ExitCode::SUCCESS),
             () = signals::counted(signals, 2) => {
                 registry.cut_off_all("glance-shim was stopped by a second SIGINT");
                 Ok(ExitCode::from(signals::FORCED_EXIT))
@@ -80,7 +97,11 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
         }
     });
     // Connections still open are dropped with the runtime, not waited for; each of their requests
-    // gets its completion line as it is dropped.
+    // gets its completion line as it is dropped, and is handed to the capture, which then writes
+    // what it holds.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    if let Some(registry) = registry {
+        registry.close();
+    }
     code
 }

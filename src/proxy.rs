@@ -19,19 +19,21 @@ use crate::body::{ContinueGate, ContinueSignal, Inbound, RequestBody, ResponseBo
 use crate::config::Config;
 use crate::correlation::{self, X_OPENSTACK_REQUEST_ID};
 use crate::error::ProxyError;
-use crate::exchange::{Client, Continue, Exchange, ExchangeGuard, Mark, Outcome, ReplayOf};
-use crate::headers;
-use crate::inflight::Registry;
+use crate::exchange::{Client, Continue, Exchange, Mark, Outcome, ReplayOf};
+use crate::inflight::{ExchangeGuard, Registry};
 use crate::keepalive::Serving;
-use crate::upstream::{Health, Lease, Pool};
+use crate::upstream::{Connector, Health};
+use crate::{headers, mask, upstream};
 
 /// What every request needs, shared by all connections.
 pub struct Proxy {
-    pub pool: Arc<Pool>,
+    client: hyper_util::client::legacy::Client<Connector, RequestBody>,
     pub registry: Arc<Registry>,
     health: Arc<Health>,
     /// The upstream address as text, for messages.
     upstream_display: String,
+    /// ... and as the authority the client picks its connections by.
+    upstream_authority: http::uri::Authority,
     /// How clients reach the shim: goes into `X-Forwarded-Proto`.
     client_proto: &'static str,
     log_headers: bool,
@@ -44,15 +46,19 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         config: &Config,
-        pool: Arc<Pool>,
+        connector: Connector,
         registry: Arc<Registry>,
         health: Arc<Health>,
     ) -> Proxy {
+        let upstream_display = config.upstream.addr.to_string();
         Proxy {
-            pool,
+            client: upstream::client(connector),
             registry,
             health,
-            upstream_display: config.upstream.addr.to_string(),
+            upstream_authority: upstream_display
+                .parse()
+                .unwrap_or_else(|_| http::uri::Authority::from_static("upstream")),
+            upstream_display,
             client_proto: if config.tls.is_some() {
                 "https"
             } else {
@@ -139,7 +145,7 @@ impl Proxy {
         if body.is_end_stream() {
             exchange.request_body_done();
         }
-        exchange.log_arrival(self.log_headers.then(|| headers::for_log(&parts.headers)));
+        exchange.log_arrival(self.log_headers.then(|| mask::for_log(&parts.headers)));
 
         if let Err(err) = self.prepare(&mut parts, &client) {
             return self.answer(err, guard);
@@ -170,27 +176,44 @@ impl Proxy {
             });
         }
 
-        let sent = self.pool.send(req, || exchange.mark(Mark::SentUpstream));
-        let response = tokio::select! {
-            response = sent => response,
-            outcome = exchange.cut_off_wait() => {
+        // The client picks its connection by the absolute form; the path goes on as it came.
+        let path = req.uri().path_and_query().cloned();
+        match path.map(|p| upstream::absolute(&self.upstream_authority, p)) {
+            Some(Ok(uri)) => *req.uri_mut() = uri,
+            _ => {
+                let why = format!("the request target {} cannot be forwarded", exchange.target);
+                return self.answer(ProxyError::BadRequest(why), guard);
+            }
+        }
+        let mut connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
+        let sent = self.client.request(req);
+        tokio::pin!(sent);
+        let mut connected = false;
+        let response = loop {
+            tokio::select! {
+                response = &mut sent => break response,
+                // The request has a connection: it is on its way to glance.
+                _ = connection.wait_for_connection_metadata(), if !connected => {
+                    connected = true;
+                    exchange.mark(Mark::SentUpstream);
+                }
+                outcome = exchange.cut_off_wait() => {
                 let err = match outcome {
                     Outcome::TimedOut => {
                         ProxyError::Timeout(self.upstream_timeout.unwrap_or_default())
                     }
                     _ => ProxyError::Drained,
                 };
-                return self.answer(err, guard);
+                    return self.answer(err, guard);
+                }
             }
         };
+        // Marked here when the connection came in the same turn as the response.
+        if connection.connection_metadata().is_some() {
+            exchange.mark(Mark::SentUpstream);
+        }
         match response {
-            Ok((res, lease)) => {
-                // A connection the upstream will close is not worth returning to the pool.
-                let reusable =
-                    res.version() == Version::HTTP_11 && !headers::says_close(res.headers());
-                let lease = reusable.then_some(lease);
-                self.relay(res, guard, lease, held_back)
-            }
+            Ok(res) => self.relay(res, guard, held_back),
             Err(err) => {
                 let err = match exchange.outcome() {
                     // The client's upload broke off, and the upstream exchange with it.
@@ -253,7 +276,6 @@ impl Proxy {
         &self,
         res: Response<Incoming>,
         guard: ExchangeGuard,
-        lease: Option<Lease>,
         held_back: Option<Arc<ContinueSignal>>,
     ) -> Response<ResponseBody> {
         let (mut parts, body) = res.into_parts();
@@ -274,7 +296,7 @@ impl Proxy {
         if held_back.is_some() {
             exchange.set_expect(Continue::NotSent);
         }
-        Response::from_parts(parts, ResponseBody::relay(body, guard, lease, held_back))
+        Response::from_parts(parts, ResponseBody::relay(body, guard, held_back))
     }
 
     /// Answers for the upstream with an OpenStack-style JSON error.

@@ -1,6 +1,8 @@
-//! Accepting and serving client connections: binding, the accept loop (which backs off instead of
-//! dying), the optional TLS handshake, HTTP/1.1 serving with hyper, and the bounded graceful drain on
-//! shutdown, after which the requests still in flight are cut off.
+//! Accepting and serving client connections: the accept loop (which backs off instead of dying),
+//! the optional TLS handshake, HTTP/1.1 serving with hyper, and the bounded graceful drain on
+//! shutdown, after which the requests still in flight are cut off. The shim's parts are put together
+//! here too: the registry (with what the capture directory holds), the upstream's connector and the
+//! proxy.
 //!
 //! What happens to each request is `proxy`'s business; this module only hands requests to it.
 
@@ -18,20 +20,19 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::capture::Capture;
-use crate::config::{Config, HostPort, Scheme};
+use crate::config::{Config, Scheme};
 use crate::error::StartError;
 use crate::exchange::Client;
-use crate::inflight::{self, Registry, Rules};
+use crate::inflight::{self, Kept, Registry, Rules};
 use crate::keepalive::{Clock, Expired};
-use crate::kept::Keeper;
 use crate::proxy::Proxy;
 use crate::tls::Stream;
-use crate::upstream::{Connector, Health, Pool};
+use crate::upstream::{Connector, Health};
 
 /// A bound, not yet running, shim.
 pub struct Server {
@@ -40,8 +41,6 @@ pub struct Server {
     config: Arc<Config>,
     /// Set when clients must speak TLS (`--tls-cert`/`--tls-key`).
     tls: Option<TlsAcceptor>,
-    /// The inspector's listener, unless it is off (or its default port was taken).
-    inspector: Option<TcpListener>,
 }
 
 /// How long a client may take to complete the TLS handshake.
@@ -50,36 +49,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After `--drain`, how long the requests cut off get to send their last bytes and close.
 const CUT_OFF_GRACE: Duration = Duration::from_millis(500);
 
-/// Binds `config.listen` (backlog 1024, so a burst of connections is queued rather than refused).
-pub fn bind_listener(config: &Config) -> io::Result<TcpListener> {
-    bind(&config.listen, 1024)
-}
-
-/// Binds the first address `addr` resolves to that can be bound, with this backlog.
-pub fn bind(addr: &HostPort, backlog: u32) -> io::Result<TcpListener> {
-    let mut last = io::Error::new(
-        io::ErrorKind::AddrNotAvailable,
-        "the address resolved to nothing",
-    );
-    for addr in addr.resolve()? {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
 impl Server {
-    /// Builds the shim around an already bound listener (tests bind 127.0.0.1:0). Fails, with a line
-    /// naming the flag and file, when a TLS file cannot be used.
-    pub fn new(listener: TcpListener, config: Config) -> Result<Server, StartError> {
+    /// Builds the shim around an already bound listener; `inspected` when the inspector will show
+    /// its requests. Fails, with a line naming the flag and file, when a TLS file or the capture
+    /// directory cannot be used.
+    pub fn new(
+        listener: TcpListener,
+        config: Config,
+        inspected: bool,
+    ) -> Result<Server, StartError> {
         let tls = match &config.tls {
             Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(
                 &files.cert,
@@ -103,10 +81,6 @@ impl Server {
             health.clone(),
             upstream_tls,
         )?;
-        let inspector = match &config.inspect {
-            Some(inspect) => crate::inspect::bind(inspect)?,
-            None => None,
-        };
         let (capture, history) = match &config.capture {
             Some(c) => {
                 let (capture, loaded) = Capture::open(c)?;
@@ -116,16 +90,16 @@ impl Server {
         };
         // The copies are kept for the inspector, and made for the capture: without an inspector,
         // none are kept once written.
-        let inspect = inspector.as_ref().and(config.inspect.as_ref());
-        let keeper = match (inspect, &config.capture) {
+        let inspect = config.inspect.as_ref().filter(|_| inspected);
+        let kept = match (inspect, &config.capture) {
             (None, None) => None,
             (Some(i), capture) => {
                 let body = i.body.max(capture.as_ref().map_or(0, |c| c.body));
-                Some(Keeper::new(i.keep, body, i.memory))
+                Some(Kept::new(i.keep, body, i.memory))
             }
-            (None, Some(c)) => Some(Keeper::new(0, c.body, c.memory)),
+            (None, Some(c)) => Some(Kept::new(0, c.body, c.memory)),
         };
-        let registry = Arc::new(Registry::new(keeper, capture));
+        let registry = Arc::new(Registry::new(kept, capture));
         if let (Some(loaded), Some(c)) = (history, &config.capture) {
             for warning in &loaded.warnings {
                 warn!(dir = %c.dir.display(), "capture file {warning}");
@@ -145,14 +119,22 @@ impl Server {
                 );
             }
         }
-        let proxy = Proxy::new(&config, Pool::new(connector), registry, health);
+        let proxy = Proxy::new(&config, connector, registry, health);
         Ok(Server {
             listener,
             proxy: Arc::new(proxy),
             config: Arc::new(config),
             tls,
-            inspector,
         })
+    }
+
+    /// The proxy, which the inspector's replays go through.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.clone()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.clone()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -165,56 +147,26 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets in-flight requests finish for
-    /// up to `--drain`.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    /// up to `--drain`. `inspector` is the inspector's address, for the start-up line.
+    pub async fn run(self, shutdown: impl Future<Output = ()>, inspector: Option<&str>) {
         let Server {
             listener,
             proxy,
             config,
             tls,
-            inspector,
         } = self;
         let local = listener
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let inspector = inspector.and_then(|l| Some((l.local_addr().ok()?, l)));
-        let key = crate::inspect::new_key();
-        let inspector_url = inspector
-            .as_ref()
-            .map(|(addr, _)| crate::inspect::url(*addr, &key));
         info!(
             listen = %local,
             upstream = %config.upstream,
             tls = tls.is_some(),
-            takeover = config.takeover.as_ref().map(|p| p.display().to_string()),
-            inspector = inspector_url.as_deref(),
+            takeover = config.takeover.as_ref().map(|p| display(p.display())),
+            inspector = inspector.map(display),
             "listening"
         );
-        // Removed as this function ends, or is dropped (a second SIGINT).
-        let mut _key_file = None;
-        if let (Some((addr, inspect_listener)), Some(inspect)) = (inspector, &config.inspect) {
-            if !addr.ip().is_loopback() {
-                warn!(
-                    inspect = %addr,
-                    "the inspector listens on a non-loopback address: anyone who can reach {addr} \
-                     sees every request through this shim (secrets masked)"
-                );
-            }
-            let listen = listener.local_addr().unwrap_or(addr);
-            match crate::inspect::write_key_file(addr.port(), &key) {
-                Ok(file) => {
-                    debug!(file = %file.path.display(), "the inspector's key, for glance-shim replay");
-                    _key_file = Some(file);
-                }
-                Err(e) => {
-                    debug!(error = %e, "the inspector's key was not written for glance-shim replay")
-                }
-            }
-            let inspector =
-                crate::inspect::Inspector::new(&config, inspect, listen, proxy.clone(), key);
-            tokio::spawn(Arc::new(inspector).serve(inspect_listener));
-        }
         if config.upstream_insecure {
             warn!(
                 "--upstream-insecure: the upstream's TLS certificate is not checked; anyone who can \
@@ -229,7 +181,6 @@ impl Server {
                  through this shim"
             );
         }
-        tokio::spawn(proxy.pool.clone().reap_idle());
         tokio::spawn(inflight::watchdog(
             proxy.registry.clone(),
             Rules {

@@ -1,22 +1,25 @@
 //! The connection to the upstream glance-api: a connector that knows the one address it may reach,
 //! speaks TLS to an https upstream, holds requests while the upstream is down (`--wait-upstream`), and
-//! says once, not per request, when the upstream goes away and comes back; and the keep-alive pool of
-//! HTTP/1.1 connections built on it.
+//! says once, not per request, when the upstream goes away and comes back; and hyper-util's client,
+//! whose pool keeps HTTP/1.1 connections alive on it.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::Uri;
+use hyper::body::Body;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::body::RequestBody;
 use crate::config::Upstream;
 use crate::tls::{Stream, TlsError};
 
@@ -254,203 +257,111 @@ impl ConnectorInner {
 /// How long an idle upstream connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Upstream connections kept idle at most; more than glance ever needs, few enough to bound memory.
-const MAX_IDLE: usize = 256;
+/// Idle upstream connections kept at most: more than a debugging session keeps busy, few enough
+/// that what a burst opened does not stay in memory (hyper's buffers, tens of KiB each).
+const MAX_IDLE: usize = 8;
 
-/// Idle connections kept for the whole [`IDLE_TIMEOUT`]. Those past them that stay unused for a
-/// [`QUIET`] are what a burst left (64 after `wrk -c64`): each holds hyper's buffers, about 40 KiB.
-const KEEP_WARM: usize = 8;
-
-/// How long connections past [`KEEP_WARM`] may stay idle, and how often the pool looks.
-const QUIET: Duration = Duration::from_secs(1);
-
-/// Keep-alive connections to the upstream, and the sending of requests on them.
+/// The client that sends requests to the upstream, over `connector`'s connections.
 ///
-/// A connection goes back to the pool only when its response ended cleanly (see [`Lease`]), so one
-/// whose response broke off, had bad framing or said `Connection: close` is never reused. A request
-/// is sent again only when hyper hands it back unwritten from a pooled connection that turned out to
-/// be closed: a request that may have reached glance is never sent twice.
+/// Its pool reuses a connection only once its response has ended cleanly, so one whose response
+/// broke off, had bad framing or said `Connection: close` is never reused. Requests go as they
+/// are: `Host` is never added, and header names keep the case they came in.
 ///
-/// Written here rather than taken from hyper-util (`client::legacy::Client` with this connector):
-/// that client cost 5.7% of small-request req/s at c16 (median of 16 interleaved pairs of 5 s
-/// `bench/cost.sh` runs, 2026-11-26; 4.4% at c64 over 6 pairs), 3-6% more CPU per request, and
-/// 6,800 instructions per request (`bench/callgrind.sh`: 65,422 against 58,607): pool-key hashing,
-/// a task per request to return the connection, the absolute-URI rewrite.
-#[derive(Debug)]
-pub struct Pool<B = RequestBody> {
-    connector: Connector,
-    /// Idle connections, most recently used last, with when they went idle.
-    idle: Mutex<Vec<(SendRequest<B>, Instant)>>,
-    http: http1::Builder,
-    max_idle: usize,
-    idle_timeout: Duration,
-}
-
-impl<B> Pool<B>
+/// No request is ever sent twice: one that may have reached glance must not be repeated (a POST,
+/// a PUT of image data). A pooled connection the upstream has closed is seen as closed, and not
+/// used, once its task has read the close; the one request that takes it in the instant between
+/// gets a 502.
+pub fn client<B>(connector: Connector) -> Client<Connector, B>
 where
-    B: Body + Send + 'static,
+    B: Body + Send,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pub fn new(connector: Connector) -> Arc<Pool<B>> {
-        Pool::with_limits(connector, MAX_IDLE, IDLE_TIMEOUT)
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(MAX_IDLE)
+        .http1_preserve_header_case(true)
+        .set_host(false)
+        .retry_canceled_requests(false)
+        .build(connector)
+}
+
+/// The absolute form of a request for the upstream, which the client needs to pick a connection:
+/// `path` is kept byte for byte, and goes on the wire in origin-form again.
+pub fn absolute(
+    authority: &http::uri::Authority,
+    path: http::uri::PathAndQuery,
+) -> Result<Uri, http::uri::InvalidUriParts> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(path);
+    Uri::from_parts(parts)
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn with_limits(connector: Connector, max_idle: usize, idle_timeout: Duration) -> Arc<Pool<B>> {
-        let mut http = http1::Builder::new();
-        http.preserve_header_case(true);
-        Arc::new(Pool {
-            connector,
-            idle: Mutex::new(Vec::new()),
-            http,
-            max_idle,
-            idle_timeout,
-        })
-    }
-
-    fn idle(&self) -> MutexGuard<'_, Vec<(SendRequest<B>, Instant)>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Closes idle connections as [`Pool::reap`] says, every [`QUIET`], for the life of the pool;
-    /// once a burst's connections are closed (and their tasks have freed their buffers, by the next
-    /// look), gives the memory back to the system.
-    pub async fn reap_idle(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(QUIET);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut closed = 0;
-        loop {
-            tick.tick().await;
-            if closed >= KEEP_WARM {
-                give_back_memory(closed);
-            }
-            closed = self.reap(Instant::now());
-        }
-    }
-
-    /// Closes the idle connections that are closed already or idle past the idle timeout, and those
-    /// past the [`KEEP_WARM`] most recently used that have been idle for a [`QUIET`]: what a burst
-    /// left. Returns how many were closed.
-    fn reap(&self, now: Instant) -> usize {
-        let timeout = self.idle_timeout;
-        let mut idle = self.idle();
-        let before = idle.len();
-        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < timeout);
-        // Oldest first: the ones a burst left are at the front.
-        let surplus = idle.len().saturating_sub(KEEP_WARM);
-        let left = idle[..surplus]
-            .iter()
-            .take_while(|(_, since)| now - *since >= QUIET)
-            .count();
-        idle.drain(..left);
-        before - idle.len()
-    }
-
-    /// The most recently used idle connection that is still open (the likeliest to still be alive).
-    fn checkout(&self) -> Option<SendRequest<B>> {
-        let mut idle = self.idle();
-        while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    /// A new connection; its task runs until it closes.
-    async fn open(&self) -> Result<SendRequest<B>, UpstreamError> {
-        let io = self.connector.inner.connect().await?;
-        let (sender, conn) = self.http.handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
-    }
-
-    /// Sends `req` (its target goes as it is) and returns the response head with the lease on its
-    /// connection. `connected` is called once a connection has taken the request.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut req: Request<B>,
-        connected: impl Fn(),
-    ) -> Result<(Response<Incoming>, Lease<B>), UpstreamError> {
-        loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
-                None => (self.open().await?, false),
-            };
-            if reused && sender.ready().await.is_err() {
-                continue; // closed while idle; nothing was sent on it
-            }
-            connected();
-            match sender.try_send_request(req).await {
-                Ok(res) => {
-                    let lease = Lease {
-                        pool: self.clone(),
-                        sender: Some(sender),
-                    };
-                    return Ok((res, lease));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(UpstreamError::Http(e.into_error())),
-                },
-            }
-        }
+    /// Connects to the upstream, whatever the URI names: the connector knows the one address it may
+    /// reach.
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.connect().await.map(UpstreamIo) })
     }
 }
 
-/// Returns the heap's free pages to the system after `closed` connections were closed. glibc keeps
-/// freed memory in the process unless asked: after `wrk -c64`, RSS stayed at 12.5 MiB, and closing the
-/// burst's connections alone changed nothing; closing them and trimming brought it to 9.7 MiB (the
-/// inspector's 1,000 records kept). The trim takes about 0.8 ms of the serving thread, once per burst.
-fn give_back_memory(closed: usize) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let started = std::time::Instant::now();
-        // SAFETY: malloc_trim only returns free memory of the allocator's own to the system.
-        unsafe { libc::malloc_trim(0) };
-        debug!(
-            closed,
-            took_us = started.elapsed().as_micros() as u64,
-            "idle upstream connections left by a burst closed, and their memory given back"
-        );
+/// A connection to the upstream, as hyper-util's client uses it.
+pub struct UpstreamIo(TokioIo<Stream>);
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = closed;
 }
 
-/// Why a request could not be exchanged with the upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// No connection could be made.
-    #[error("{0}")]
-    Connect(#[from] ConnectError),
-    /// The connection failed while sending the request or reading the response head.
-    #[error("{0}")]
-    Http(#[from] hyper::Error),
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
 }
 
-/// The right to reuse the connection a response came on. Released into the pool when the response
-/// body has ended cleanly; dropped otherwise, which closes the connection once hyper is done with it.
-#[derive(Debug)]
-pub struct Lease<B = RequestBody> {
-    pool: Arc<Pool<B>>,
-    sender: Option<SendRequest<B>>,
-}
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
 
-impl<B> Lease<B> {
-    pub fn release(mut self) {
-        if let Some(sender) = self.sender.take()
-            && !sender.is_closed()
-        {
-            let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < self.pool.max_idle {
-                idle.push((sender, Instant::now()));
-            }
-        }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
@@ -459,7 +370,8 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use bytes::Bytes;
-    use http_body_util::Empty;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt as _, Empty};
 
     use super::*;
 
@@ -485,130 +397,23 @@ mod tests {
         (addr, connections)
     }
 
-    fn pool(upstream: &Upstream, max_idle: usize) -> Arc<Pool<Empty<Bytes>>> {
-        let connector = Connector::new(upstream, None, Arc::default(), None).unwrap();
-        Pool::with_limits(connector, max_idle, Duration::from_secs(30))
-    }
-
-    /// Sends a request and, as a response body ending cleanly does, returns its connection.
-    async fn roundtrip(pool: &Arc<Pool<Empty<Bytes>>>) {
-        let (res, lease) = pool.send(Request::new(Empty::new()), || {}).await.unwrap();
-        assert_eq!(res.status(), 204);
-        lease.release();
+    fn request(upstream: &Upstream) -> Request<Empty<Bytes>> {
+        let authority = upstream.addr.to_string().parse().unwrap();
+        let mut req = Request::new(Empty::new());
+        *req.uri_mut() = absolute(&authority, "/v2/images".parse().unwrap()).unwrap();
+        req
     }
 
     #[tokio::test]
     async fn requests_one_after_another_share_one_connection() {
         let (upstream, connections) = upstream().await;
-        let pool = pool(&upstream, 4);
+        let connector = Connector::new(&upstream, None, Arc::default(), None).unwrap();
+        let client = client::<Empty<Bytes>>(connector);
         for _ in 0..5 {
-            roundtrip(&pool).await;
+            let res = client.request(request(&upstream)).await.unwrap();
+            assert_eq!(res.status(), 204);
+            res.into_body().collect().await.unwrap();
         }
         assert_eq!(connections.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn a_connection_whose_lease_is_dropped_is_not_reused() {
-        let (upstream, connections) = upstream().await;
-        let pool = pool(&upstream, 4);
-        let (_res, lease) = pool.send(Request::new(Empty::new()), || {}).await.unwrap();
-        drop(lease); // the response broke off, or said Connection: close
-        roundtrip(&pool).await;
-        assert_eq!(connections.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_connection_expires() {
-        let (upstream, connections) = upstream().await;
-        let pool = pool(&upstream, 4);
-        roundtrip(&pool).await;
-        tokio::time::advance(Duration::from_secs(31)).await;
-        roundtrip(&pool).await;
-        assert_eq!(
-            connections.load(Ordering::SeqCst),
-            2,
-            "a new one after 30 s idle"
-        );
-    }
-
-    #[tokio::test]
-    async fn at_most_max_idle_connections_are_kept_the_most_recent_taken_first() {
-        let (upstream, connections) = upstream().await;
-        let pool = pool(&upstream, 2);
-        let mut leases = Vec::new();
-        for _ in 0..3 {
-            leases.push(
-                pool.send(Request::new(Empty::new()), || {})
-                    .await
-                    .unwrap()
-                    .1,
-            );
-        }
-        assert_eq!(connections.load(Ordering::SeqCst), 3);
-        for lease in leases {
-            lease.release();
-        }
-        assert_eq!(pool.idle().len(), 2, "the third is closed, not kept");
-        let newest = pool.idle().last().map(|(_, since)| *since).unwrap();
-        assert!(pool.idle().iter().all(|(_, since)| *since <= newest));
-        roundtrip(&pool).await;
-        assert_eq!(
-            pool.idle().last().map(|(_, since)| *since > newest),
-            Some(true)
-        );
-        assert_eq!(connections.load(Ordering::SeqCst), 3, "no new connection");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn what_a_burst_left_is_closed_after_a_quiet_second_but_a_few_stay_warm() {
-        let (upstream, connections) = upstream().await;
-        let pool = pool(&upstream, 64);
-        let burst = KEEP_WARM + 4;
-        let mut leases = Vec::new();
-        for _ in 0..burst {
-            leases.push(
-                pool.send(Request::new(Empty::new()), || {})
-                    .await
-                    .unwrap()
-                    .1,
-            );
-        }
-        assert_eq!(connections.load(Ordering::SeqCst), burst);
-        for lease in leases {
-            lease.release();
-        }
-        assert_eq!(pool.reap(Instant::now()), 0, "not yet quiet");
-        tokio::time::advance(QUIET / 2).await;
-        roundtrip(&pool).await; // one in use meanwhile
-        tokio::time::advance(QUIET / 2).await;
-        assert_eq!(pool.reap(Instant::now()), 4);
-        assert_eq!(pool.idle().len(), KEEP_WARM);
-        let newest = pool.idle().last().map(|(_, since)| *since).unwrap();
-        assert_eq!(newest, Instant::now() - QUIET / 2, "the one used is kept");
-        tokio::time::advance(QUIET * 5).await;
-        assert_eq!(pool.reap(Instant::now()), 0, "the warm ones stay");
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(
-            pool.reap(Instant::now()),
-            KEEP_WARM,
-            "until the idle timeout"
-        );
-        roundtrip(&pool).await;
-        assert_eq!(connections.load(Ordering::SeqCst), burst + 1);
-    }
-
-    #[tokio::test]
-    async fn connected_is_called_once_a_connection_takes_the_request() {
-        let (upstream, _) = upstream().await;
-        let pool = pool(&upstream, 4);
-        let calls = AtomicUsize::new(0);
-        let (_, lease) = pool
-            .send(Request::new(Empty::new()), || {
-                calls.fetch_add(1, Ordering::SeqCst);
-            })
-            .await
-            .unwrap();
-        lease.release();
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

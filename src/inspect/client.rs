@@ -83,7 +83,7 @@ fn from_capture(dir: &std::path::Path, filter: &str) -> Result<Vec<u8>, ClientEr
         eprintln!("glance-shim har: warning: {w}");
     }
     let cx = super::view::Context::now(None, "http");
-    let filter = super::har::Filter::parse(filter);
+    let filter = super::view::Filter::parse(filter);
     records.retain(|e| filter.matches(&super::view::summary(e, &cx)));
     let comment = format!(
         "captured by glance-shim in {}: {} requests",
@@ -121,7 +121,7 @@ pub fn replay(args: &ReplayArgs) -> Result<std::process::ExitCode, ClientError> 
         .unwrap_or(0);
     let key = match &args.key {
         Some(key) => key.clone(),
-        None => super::key_file(port)
+        None => super::key::file(port)
             .and_then(|path| std::fs::read_to_string(path).ok())
             .map(|k| k.trim().to_owned())
             .ok_or(ClientError::NoKey(addr.clone()))?,

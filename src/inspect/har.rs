@@ -21,9 +21,9 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use super::view::{self, Context, Summary};
+use crate::copies::{Head, KeptBody};
 use crate::exchange::{Exchange, Mark};
-use crate::headers::MASKED;
-use crate::kept::{Head, KeptBody};
+use crate::mask::{self, MASKED};
 
 /// A whole archive.
 #[derive(Debug, Serialize)]
@@ -295,7 +295,7 @@ fn request(
     secrets: &[String],
 ) -> Request {
     let host = summary.host.as_deref().unwrap_or("localhost");
-    let target = masked_target(&e.target);
+    let target = mask::target(&e.target);
     let url = if target.starts_with('/') {
         format!("{}://{host}{target}", cx.proto)
     } else {
@@ -347,30 +347,6 @@ fn pairs(fields: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Pair> {
             value: value.into_owned(),
         })
         .collect()
-}
-
-/// The target with the value of every query parameter that names a secret masked.
-fn masked_target(target: &str) -> Cow<'_, str> {
-    let Some((path, query)) = target.split_once('?') else {
-        return Cow::Borrowed(target);
-    };
-    let secret = |kv: &str| {
-        let name = kv.split_once('=').map_or(kv, |(k, _)| k);
-        form_urlencoded::parse(name.as_bytes())
-            .next()
-            .is_some_and(|(n, _)| view::secret_field(&n))
-    };
-    if !query.split('&').any(secret) {
-        return Cow::Borrowed(target);
-    }
-    let masked: Vec<String> = query
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if secret(kv) => format!("{k}=%3Cmasked%3E"),
-            _ => kv.to_owned(),
-        })
-        .collect();
-    Cow::Owned(format!("{path}?{}", masked.join("&")))
 }
 
 fn timings(e: &Exchange, end: Duration) -> Timings {
@@ -457,21 +433,21 @@ fn body(
             ),
         });
     }
-    match view::safe(Some(&out.mime_type), k, secrets) {
-        view::Safe::Bytes(bytes) => match std::str::from_utf8(bytes) {
+    match view::safe(head, k, secrets) {
+        mask::Safe::Bytes(bytes) => match std::str::from_utf8(bytes) {
             Ok(text) => out.text = Some(text.to_owned()),
             Err(_) => {
                 out.text = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
                 out.encoding = Some("base64");
             }
         },
-        view::Safe::Masked(json) => {
+        mask::Safe::Masked(json) => {
             out.text = Some(String::from_utf8_lossy(&json).into_owned());
             notes.push(format!(
                 "secret values masked ({MASKED}); the body is re-serialised"
             ));
         }
-        view::Safe::Withheld => {
+        mask::Safe::Withheld => {
             out.kept.truncated = true;
             notes.push(format!(
                 "the {} kept bytes are left out: they name a password, token, secret or \
@@ -484,96 +460,4 @@ fn body(
         out.kept.comment = Some(notes.join("; "));
     }
     out
-}
-
-/// A filter as the page's filter box reads it: words separated by spaces, each of which must be
-/// found (ignoring case) in the method, target, status, id, glance's id or outcome; or, as
-/// `field:text`, in that field (`method`, `path`, `status`, `id`, `upstream_id`, `outcome`, `phase`,
-/// `serial`).
-#[derive(Debug, Default)]
-pub struct Filter(Vec<(Option<&'static str>, String)>);
-
-impl Filter {
-    pub fn parse(q: &str) -> Filter {
-        Filter(
-            q.to_lowercase()
-                .split_whitespace()
-                .map(|term| {
-                    let field = term.split_once(':').and_then(|(f, v)| {
-                        let field = match f {
-                            "method" => "method",
-                            "path" | "target" => "target",
-                            "status" => "status",
-                            "id" => "id",
-                            "upstream_id" | "upstream" => "upstream_id",
-                            "outcome" => "outcome",
-                            "phase" => "phase",
-                            "serial" => "serial",
-                            _ => return None,
-                        };
-                        Some((field, v))
-                    });
-                    match field {
-                        Some((f, v)) => (Some(f), v.to_owned()),
-                        None => (None, term.to_owned()),
-                    }
-                })
-                .collect(),
-        )
-    }
-
-    pub fn matches(&self, s: &Summary<'_>) -> bool {
-        let field = |name: &str| -> String {
-            match name {
-                "method" => s.method.to_owned(),
-                "target" => s.target.to_owned(),
-                "status" => s.status.map(|v| v.to_string()).unwrap_or_default(),
-                "id" => s.id.to_owned(),
-                "upstream_id" => s.upstream_id.unwrap_or("").to_owned(),
-                "outcome" => s.outcome.unwrap_or("").to_owned(),
-                "phase" => s.phase.to_owned(),
-                _ => s.serial.to_string(),
-            }
-        };
-        self.0.iter().all(|(f, v)| {
-            let hay = match f {
-                Some(f) => field(f),
-                None => ["method", "target", "status", "id", "upstream_id", "outcome"]
-                    .map(field)
-                    .join(" "),
-            };
-            hay.to_lowercase().contains(v.as_str())
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_values_that_name_a_secret_are_masked() {
-        assert_eq!(masked_target("/v2/images"), "/v2/images");
-        assert_eq!(
-            masked_target("/v2/images?limit=2&auth_token=abc&marker=x"),
-            "/v2/images?limit=2&auth_token=%3Cmasked%3E&marker=x"
-        );
-    }
-
-    #[test]
-    fn the_filter_reads_words_and_fields_like_the_page() {
-        let f = Filter::parse("status:404 IMAGES");
-        assert_eq!(
-            f.0,
-            vec![
-                (Some("status"), "404".to_owned()),
-                (None, "images".to_owned())
-            ]
-        );
-        // An unknown field is a plain word, as on the page.
-        assert_eq!(
-            Filter::parse("foo:bar").0,
-            vec![(None, "foo:bar".to_owned())]
-        );
-    }
 }

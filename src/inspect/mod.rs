@@ -1,7 +1,8 @@
 //! The inspector: a page that shows every request live, and the JSON API it reads, on their own
 //! loopback port (`--inspect`, by default 127.0.0.1:9293).
 //!
-//! It reads the records the proxy keeps (`inflight`, `kept`, `events`) and nothing else. Its one write
+//! It reads the records the registry holds (`inflight`, `events`) and nothing else; nothing below it
+//! knows it exists. Its one write
 //! is a replay (`POST /api/replay`), which needs the per-run key the start-up line's address carries.
 //! What it serves is guarded:
 //! - a request whose `Host` (or `Origin`) names anything but localhost or the inspector's own address
@@ -17,6 +18,7 @@
 
 pub mod client;
 pub mod har;
+pub mod key;
 pub mod replay;
 mod stream;
 pub mod view;
@@ -58,7 +60,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// Binds the inspector's address. The default address only earns a warning when it is taken (the
 /// shim proxies without its inspector); an address the user gave is a start-up error.
 pub fn bind(inspect: &Inspect) -> Result<Option<TcpListener>, StartError> {
-    match crate::server::bind(&inspect.addr, 64) {
+    match inspect.addr.bind(64) {
         Ok(listener) => Ok(Some(listener)),
         Err(error) if !inspect.explicit => {
             warn!(
@@ -77,70 +79,45 @@ pub fn bind(inspect: &Inspect) -> Result<Option<TcpListener>, StartError> {
     }
 }
 
-/// The inspector's URL for a listener bound at `addr`.
+/// Serves the inspector on `listener` for as long as the shim runs, replaying through `proxy` (whose
+/// own listener is at `listen`). Returns the page's address, for the start-up line, and the key
+/// file written for `glance-shim replay` (removed when dropped).
+pub fn start(
+    listener: TcpListener,
+    config: &Config,
+    inspect: &Inspect,
+    listen: SocketAddr,
+    proxy: Arc<crate::proxy::Proxy>,
+) -> std::io::Result<(String, Option<key::KeyFile>)> {
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        warn!(
+            inspect = %addr,
+            "the inspector listens on a non-loopback address: anyone who can reach {addr} sees every \
+             request through this shim (secrets masked)"
+        );
+    }
+    let key = key::new();
+    let key_file = match key::write_file(addr.port(), &key) {
+        Ok(file) => {
+            debug!(file = %file.path.display(), "the inspector's key, for glance-shim replay");
+            Some(file)
+        }
+        Err(e) => {
+            debug!(error = %e, "the inspector's key was not written for glance-shim replay");
+            None
+        }
+    };
+    let url = url(addr, &key);
+    let inspector = Inspector::new(config, inspect, listen, proxy, key);
+    tokio::spawn(Arc::new(inspector).serve(listener));
+    Ok((url, key_file))
+}
+
 /// The page's address, with the per-run key that lets it replay requests (as Jupyter prints its
 /// token): whoever can read the start-up line may replay; a page elsewhere cannot.
 pub fn url(addr: SocketAddr, key: &str) -> String {
     format!("http://{addr}/?key={key}")
-}
-
-/// A new per-run key: 144 random bits, URL-safe.
-pub fn new_key() -> String {
-    let mut bytes = [0u8; 18];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .expect("the system's random number generator works");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// Where the key of the inspector on `port` is written for `glance-shim replay` to find:
-/// `$XDG_RUNTIME_DIR/glance-shim/`, or else `~/.cache/glance-shim/run/`.
-pub fn key_file(port: u16) -> Option<std::path::PathBuf> {
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(run) => std::path::PathBuf::from(run).join("glance-shim"),
-        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/glance-shim/run"),
-    };
-    Some(dir.join(format!("inspector-{port}.key")))
-}
-
-/// The key file written for this run: removed when dropped (the shim stops, however it stops short
-/// of being killed), so that no key of a run that is over stays on disk, if it still holds this
-/// run's key (a later run on the same port may have written its own).
-#[derive(Debug)]
-pub struct KeyFile {
-    pub path: std::path::PathBuf,
-    key: String,
-}
-
-impl Drop for KeyFile {
-    fn drop(&mut self) {
-        if std::fs::read(&self.path).is_ok_and(|k| k == self.key.as_bytes()) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Writes the key for `glance-shim replay` (directory 0700, file 0600).
-pub fn write_key_file(port: u16, key: &str) -> std::io::Result<KeyFile> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let path = key_file(port).ok_or_else(|| std::io::Error::other("no XDG_RUNTIME_DIR or HOME"))?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)?;
-    file.write_all(key.as_bytes())?;
-    Ok(KeyFile {
-        path,
-        key: key.to_owned(),
-    })
 }
 
 /// What the inspector serves from.
@@ -311,11 +288,11 @@ impl Inspector {
             ),
             "/api/requests" => {
                 let inspector = self.clone();
-                off_thread(move || serde_json::to_vec(&inspector.list())).await
+                let filter = filter(query);
+                off_thread(move || serde_json::to_vec(&inspector.list(filter.as_ref()))).await
             }
             "/api/har" => {
-                let filter =
-                    har::Filter::parse(&param_decoded(query, "filter").unwrap_or_default());
+                let filter = filter(query).unwrap_or_default();
                 let inspector = self.clone();
                 let mut res = off_thread(move || serde_json::to_vec(&inspector.har(&filter))).await;
                 if res.status() == StatusCode::OK {
@@ -336,7 +313,18 @@ impl Inspector {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse().ok())
                     .or_else(|| param(query, "since").and_then(|v| v.parse().ok()));
-                stream::events(self.clone(), since)
+                let reader = stream::Reader {
+                    since,
+                    filter: filter(query),
+                    cx: self.context(),
+                };
+                let rx = stream::events(self.registry.clone(), reader);
+                let mut res = Response::new(Out::Stream(rx));
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                );
+                res
             }
             _ => match path.strip_prefix("/api/requests/") {
                 Some(key) => match self.find(key) {
@@ -395,35 +383,27 @@ impl Inspector {
         host.eq_ignore_ascii_case(own) || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
     }
 
-    fn list(&self) -> List<'_, impl Serialize> {
+    fn list(&self, filter: Option<&view::Filter>) -> List<'_, impl Serialize> {
         // The number first: whatever changes after it comes through the event stream opened with it.
         let seq = self.registry.events().last();
         let cx = self.context();
         let in_flight = self.registry.snapshot();
-        let mut recent = self
-            .registry
-            .keeper()
-            .map(|k| k.snapshot())
-            .unwrap_or_default();
+        let mut recent = self.registry.finished();
         recent.reverse();
         List {
             seq,
             now: view::rfc3339(std::time::SystemTime::now()),
             shim: &self.shim,
-            memory_used: self.registry.keeper().map_or(0, |k| k.budget().used()),
-            in_flight: Summaries(in_flight, cx),
-            recent: Summaries(recent, cx),
+            memory_used: self.registry.kept().map_or(0, |k| k.memory_used()),
+            in_flight: Summaries(in_flight, cx, filter),
+            recent: Summaries(recent, cx, filter),
         }
     }
 
     /// The requests in flight and kept that `filter` matches, oldest first, as HAR.
-    fn har(&self, filter: &har::Filter) -> har::Har {
+    fn har(&self, filter: &view::Filter) -> har::Har {
         let cx = self.context();
-        let mut all = self
-            .registry
-            .keeper()
-            .map(|k| k.snapshot())
-            .unwrap_or_default();
+        let mut all = self.registry.finished();
         all.extend(self.registry.snapshot());
         all.retain(|e| filter.matches(&view::summary(e, &cx)));
         let comment = format!(
@@ -526,9 +506,7 @@ impl Inspector {
             return self.registry.find(serial);
         }
         let mut all = self.registry.snapshot();
-        if let Some(k) = self.registry.keeper() {
-            all.extend(k.snapshot());
-        }
+        all.extend(self.registry.finished());
         all.into_iter()
             .filter(|e| e.id == key)
             .max_by_key(|e| e.serial)
@@ -546,13 +524,20 @@ struct List<'a, S: Serialize> {
     recent: S,
 }
 
-/// Records rendered as summaries when serialized.
-struct Summaries(Vec<Arc<Exchange>>, view::Context);
+/// Records rendered as summaries when serialized, each saying whether the filter shows it.
+struct Summaries<'f>(Vec<Arc<Exchange>>, view::Context, Option<&'f view::Filter>);
 
-impl Serialize for Summaries {
+impl Serialize for Summaries<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|e| view::summary(e, &self.1)))
+        s.collect_seq(self.0.iter().map(|e| view::filtered(e, &self.1, self.2)))
     }
+}
+
+/// The `filter` a reader gave, as the page's filter box holds it; `None` when it gave none (or an
+/// empty one).
+fn filter(query: &str) -> Option<view::Filter> {
+    let filter = view::Filter::parse(&param_decoded(query, "filter")?);
+    (!filter.is_empty()).then_some(filter)
 }
 
 fn host_literal(ip: IpAddr) -> String {

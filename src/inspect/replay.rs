@@ -16,7 +16,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use serde::Deserialize;
 
 use crate::exchange::Exchange;
-use crate::headers::MASKED;
+use crate::headers::is_hop_by_hop;
+use crate::mask::MASKED;
 
 /// What the page or `glance-shim replay` asks for.
 #[derive(Debug, Default, Deserialize)]
@@ -49,21 +50,8 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Refused {
     }
 }
 
-/// Fields that belong to one hop or one message, or that the proxy sets itself.
-const DROPPED: [&str; 12] = [
-    "content-length",
-    "transfer-encoding",
-    "x-openstack-request-id",
-    "expect",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
+/// Fields that belong to one message, or that the proxy sets itself; the hop-by-hop fields go too.
+const DROPPED: [&str; 3] = ["content-length", "x-openstack-request-id", "expect"];
 
 /// The request to send for `ask`, made from the record `e`.
 pub fn build(e: &Exchange, ask: &Ask) -> Result<Request<Option<Bytes>>, Refused> {
@@ -108,7 +96,7 @@ pub fn build(e: &Exchange, ask: &Ask) -> Result<Request<Option<Bytes>>, Refused>
     };
     let mut headers = HeaderMap::new();
     for (name, value) in fields {
-        if DROPPED.contains(&name.as_str()) || name.is_empty() {
+        if DROPPED.contains(&name.as_str()) || is_hop_by_hop(&name) || name.is_empty() {
             continue;
         }
         // A secret shown as <masked> keeps the value that arrived, which never left the shim.

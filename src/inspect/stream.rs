@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Inspector, Out, view};
-use crate::events::{Event, Kind, Subscription};
+use super::view::{self, Filter};
+use crate::events::{Event, Kind};
+use crate::inflight::Registry;
 
 /// How often the requests in flight are sent (their counters, bytes and phases move between events).
 const TICK: Duration = Duration::from_secs(1);
@@ -28,56 +28,58 @@ const PING: Duration = Duration::from_secs(15);
 /// A reader that has taken nothing for this long loses its stream.
 const SILENT_READER: Duration = Duration::from_secs(30);
 
-/// The event stream's response; `since` is the last event the reader has.
-pub fn events(inspector: Arc<Inspector>, since: Option<u64>) -> Response<Out> {
+/// What a reader of the stream asked for.
+pub struct Reader {
+    /// The last event the reader has.
+    pub since: Option<u64>,
+    /// What its filter box holds: every summary says whether it is shown.
+    pub filter: Option<Filter>,
+    /// The views' settings.
+    pub cx: view::Context,
+}
+
+/// The event stream's body, fed by a task of its own until the reader goes away.
+pub fn events(registry: Arc<Registry>, reader: Reader) -> mpsc::Receiver<Bytes> {
     let (tx, rx) = mpsc::channel(16);
     // Subscribed here, before the response goes out: nothing published after `seq` is missed.
-    let (seq, events) = inspector.registry.events().subscribe();
-    tokio::spawn(feed(inspector, since, seq, events, tx));
-    let mut res = Response::new(Out::Stream(rx));
-    *res.status_mut() = StatusCode::OK;
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    res
+    let (seq, events) = registry.events().subscribe();
+    tokio::spawn(feed(registry, reader, seq, events, tx));
+    rx
 }
 
 async fn feed(
-    inspector: Arc<Inspector>,
-    since: Option<u64>,
+    registry: Arc<Registry>,
+    reader: Reader,
     seq: u64,
-    mut events: Subscription,
+    mut events: broadcast::Receiver<Event>,
     tx: mpsc::Sender<Bytes>,
 ) {
     let out = Sender(tx);
+    let summary = |e: &crate::exchange::Exchange| -> String {
+        serde_json::to_string(&view::filtered(
+            e,
+            &reader.cx.renewed(),
+            reader.filter.as_ref(),
+        ))
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    };
     // Reconnect after a second, not EventSource's default three.
     let mut first = String::from("retry: 1000\n\n");
-    let mut all = inspector.registry.snapshot();
-    if let Some(k) = inspector.registry.keeper() {
-        all.extend(k.snapshot());
-    }
+    let mut all = registry.snapshot();
+    all.extend(registry.finished());
     let serials: Vec<u64> = all.iter().map(|e| e.serial).collect();
     message(&mut first, "kept", None, &Kept { serials, seq });
     if !out.send(first).await {
         return;
     }
-    if let Some(since) = since {
+    if let Some(since) = reader.since {
         // Every request that changed after `since` and up to `seq`, oldest change first; later
         // changes come as events.
         all.retain(|e| e.version() > since && e.version() <= seq);
         all.sort_by_key(|e| e.version());
-        let cx = inspector.context();
         for e in all {
             let mut text = String::new();
-            message(
-                &mut text,
-                "update",
-                Some(e.version()),
-                &view::summary(&e, &cx),
-            );
+            raw_message(&mut text, "update", Some(e.version()), &summary(&e));
             if !out.send(text).await {
                 return;
             }
@@ -90,8 +92,8 @@ async fn feed(
     quiet.reset();
     loop {
         let text = tokio::select! {
-            event = events.rx.recv() => match event {
-                Ok(event) => render(&inspector, &event),
+            event = events.recv() => match event {
+                Ok(event) => render(&event, &summary),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     let mut text = String::new();
                     let reason = format!("this reader fell {missed} events behind; fetch /api/requests and reopen the stream");
@@ -102,15 +104,15 @@ async fn feed(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = tick.tick() => {
-                let open = inspector.registry.snapshot();
+                let open = registry.snapshot();
                 if open.is_empty() {
                     continue;
                 }
-                let cx = inspector.context();
+                let cx = reader.cx.renewed();
                 let mut text = String::new();
                 message(&mut text, "inflight", None, &InFlight {
                     now: view::rfc3339(std::time::SystemTime::now()),
-                    requests: open.iter().map(|e| view::summary(e, &cx)).collect(),
+                    requests: open.iter().map(|e| view::filtered(e, &cx, reader.filter.as_ref())).collect(),
                 });
                 text
             }
@@ -137,7 +139,7 @@ impl Sender {
     }
 }
 
-fn render(inspector: &Inspector, event: &Event) -> String {
+fn render(event: &Event, summary: &impl Fn(&crate::exchange::Exchange) -> String) -> String {
     let mut text = String::new();
     match (event.kind, event.exchange.upgrade()) {
         (Kind::Evicted, _) | (_, None) => message(
@@ -148,27 +150,24 @@ fn render(inspector: &Inspector, event: &Event) -> String {
                 serial: event.serial,
             },
         ),
-        (kind, Some(e)) => {
-            let cx = inspector.context();
-            message(
-                &mut text,
-                kind.as_str(),
-                Some(event.seq),
-                &view::summary(&e, &cx),
-            );
-        }
+        (kind, Some(e)) => raw_message(&mut text, kind.as_str(), Some(event.seq), &summary(&e)),
     }
     text
 }
 
 /// Appends one message: `event:`, `id:` and one `data:` line of JSON.
 fn message(out: &mut String, event: &str, id: Option<u64>, data: &impl Serialize) {
+    // serde_json never writes a raw newline, so the data is one line.
+    let data = serde_json::to_string(data).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    raw_message(out, event, id, &data);
+}
+
+/// Appends one message whose data is already one line of JSON.
+fn raw_message(out: &mut String, event: &str, id: Option<u64>, data: &str) {
     let _ = writeln!(out, "event: {event}");
     if let Some(id) = id {
         let _ = writeln!(out, "id: {id}");
     }
-    // serde_json never writes a raw newline, so the data is one line.
-    let data = serde_json::to_string(data).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     let _ = write!(out, "data: {data}\n\n");
 }
 

@@ -1,22 +1,23 @@
 //! Records as the inspector's JSON: a summary of each request for the lists and the event stream,
 //! and one request whole, with its heads and kept bodies.
 //!
-//! Everything is read from the [`Exchange`] when it is rendered. Secrets are masked here, before
-//! anything leaves the process: header values as in the log (`headers::is_secret`), and in JSON
-//! bodies the values of fields whose names contain `password`, `token`, `secret` or `credential`
-//! (everything under such a field). A body that is not JSON, or was not kept whole, is never sent:
-//! only its size and type are, because its secrets could not be found.
+//! Everything is read from the [`Exchange`] when it is rendered. Secrets are masked, by `mask`'s
+//! rules, before anything leaves the process: header values as in the log, and in JSON bodies the
+//! fields that name a secret. A body that is not JSON, or was not kept whole, is never sent: only
+//! its size and type are, because its secrets could not be found.
+//!
+//! The filter box's grammar ([`Filter`]) is here too, once: the page sends what is typed in it, and
+//! each summary says whether it is shown; HAR exports and `glance-shim har` read it the same way.
 
 use std::borrow::Cow;
-use std::sync::LazyLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::copies::{Head, KeptBody};
 use crate::exchange::{Continue, Exchange, Mark, Outcome, Phase, Waiting, millis};
-use crate::headers::{MASKED, is_secret_name};
-use crate::kept::{Head, KeptBody};
+use crate::mask;
 
 /// What every view needs to know besides the record.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +35,14 @@ impl Context {
             now: Instant::now(),
             stall_after,
             proto,
+        }
+    }
+
+    /// The same settings, as of now.
+    pub fn renewed(self) -> Context {
+        Context {
+            now: Instant::now(),
+            ..self
         }
     }
 }
@@ -69,6 +78,9 @@ pub struct Summary<'a> {
     /// A replay: the serial number and id of the request it sends again.
     pub replay_of: Option<u64>,
     pub replay_of_id: Option<&'a str>,
+    /// Whether the filter the reader gave (`?filter=`) shows this request; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shown: Option<bool>,
 }
 
 /// When each moment came, in milliseconds after arrival.
@@ -140,7 +152,15 @@ pub fn summary<'a>(e: &'a Exchange, cx: &Context) -> Summary<'a> {
         from_disk: e.from_disk,
         replay_of: e.replay_of.as_ref().map(|r| r.serial),
         replay_of_id: e.replay_of.as_ref().map(|r| r.id.as_str()),
+        shown: None,
     }
+}
+
+/// [`summary`], saying whether `filter` shows it, when there is one.
+pub fn filtered<'a>(e: &'a Exchange, cx: &Context, filter: Option<&Filter>) -> Summary<'a> {
+    let mut s = summary(e, cx);
+    s.shown = filter.map(|f| f.matches(&s));
+    s
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -218,7 +238,7 @@ pub fn detail<'a>(e: &'a Exchange, cx: &Context) -> Detail<'a> {
 
 pub(crate) fn fields(head: &Head) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
     head.fields()
-        .map(|(name, value)| (Cow::Borrowed(name), shown(name, value)))
+        .map(|(name, value)| (Cow::Borrowed(name), mask::shown(name, value)))
         .collect()
 }
 
@@ -235,19 +255,10 @@ pub(super) fn sent_fields<'a>(
     crate::headers::for_upstream(&mut map, &e.client.ip, cx.proto);
     map.iter()
         .map(|(name, value)| {
-            let value = shown(name.as_str(), value.as_bytes()).into_owned();
+            let value = mask::shown(name.as_str(), value.as_bytes()).into_owned();
             (Cow::Owned(name.as_str().to_owned()), Cow::Owned(value))
         })
         .collect()
-}
-
-/// A field's value as served: masked when it is a secret.
-fn shown<'a>(name: &str, value: &'a [u8]) -> Cow<'a, str> {
-    if is_secret_name(name) {
-        Cow::Borrowed(MASKED)
-    } else {
-        crate::correlation::printable(value)
-    }
 }
 
 fn body_view(
@@ -260,9 +271,7 @@ fn body_view(
     let content_type = head
         .and_then(|h| h.get("content-type"))
         .map(|v| String::from_utf8_lossy(v).trim().to_owned());
-    let is_json = content_type
-        .as_deref()
-        .is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+    let is_json = content_type.as_deref().is_some_and(mask::is_json);
     let mut view = BodyView {
         size,
         content_type,
@@ -286,8 +295,7 @@ fn body_view(
         Some(_) if !is_json => "not JSON: shown as its size and type".to_owned(),
         Some(k) => match serde_json::from_slice::<Value>(&k.bytes) {
             Ok(mut json) => {
-                mask_json(&mut json, false);
-                mask_values(&mut json, secrets);
+                mask::mask_json(&mut json, secrets);
                 view.json = Some(json);
                 return view;
             }
@@ -297,199 +305,132 @@ fn body_view(
     view
 }
 
-/// What of a kept body may leave the process (in an archive, or a capture file on disk).
-#[derive(Debug, PartialEq, Eq)]
-pub enum Safe<'a> {
-    /// The bytes as they were.
-    Bytes(&'a [u8]),
-    /// A JSON body kept whole, re-serialised with its secret values masked.
-    Masked(Vec<u8>),
-    /// Bytes that name a secret which could not be masked in them (not JSON, or cut): left out.
-    Withheld,
-}
-
-/// The rule for [`Safe`]: a JSON body kept whole is masked field by field (and left as it was when
-/// nothing in it is secret); any other bytes are left out if they contain, in any case, `password`,
-/// `token`, `secret` or `credential`, and are kept as they are otherwise.
-pub fn safe<'a>(content_type: Option<&str>, kept: &'a KeptBody, secrets: &[String]) -> Safe<'a> {
-    if plain(kept, secrets) {
-        return Safe::Bytes(&kept.bytes);
-    }
-    let is_json = content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"));
-    if kept.complete
-        && is_json
-        && let Ok(mut json) = serde_json::from_slice::<Value>(&kept.bytes)
-    {
-        let before = json.clone();
-        mask_json(&mut json, false);
-        mask_values(&mut json, secrets);
-        return match json == before {
-            true => Safe::Bytes(&kept.bytes),
-            false => Safe::Masked(json.to_string().into_bytes()),
-        };
-    }
-    match names_a_secret(&kept.bytes) || holds_a_value(&kept.bytes, secrets) {
-        true => Safe::Withheld,
-        false => Safe::Bytes(&kept.bytes),
-    }
-}
-
-/// True when [`safe`] has nothing to mask in `kept`, without parsing it: no word that names a
-/// secret, no secret's value, and no `\u` escape that could spell one. Most bodies are this, and
-/// the caller can skip finding their content type.
-pub fn plain(kept: &KeptBody, secrets: &[String]) -> bool {
-    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
-    !names_a_secret(&kept.bytes)
-        && ESCAPE.find(&kept.bytes).is_none()
-        && !holds_a_value(&kept.bytes, secrets)
-}
-
-/// True when `bytes` contain one of the secret values (see [`secret_values`]).
-fn holds_a_value(bytes: &[u8], secrets: &[String]) -> bool {
-    secrets
-        .iter()
-        .any(|s| memchr::memmem::find(bytes, s.as_bytes()).is_some())
-}
-
-/// The values of a request's secret header fields (its token, say), and of their words: masked
-/// wherever else they appear, in bodies too (an upstream that echoes a request's headers back).
-/// Values shorter than 8 bytes are too short to look for safely, and too short to be a token.
+/// The values of a request's secret header fields, to be masked wherever else they appear.
 pub fn secret_values(e: &Exchange) -> Vec<String> {
-    let mut out = Vec::new();
     let heads = [e.copies.request_head.as_ref(), e.copies.response_head.get()];
-    for (name, value) in heads.into_iter().flatten().flat_map(Head::fields) {
-        if is_secret_name(name) {
-            secret_words(value, &mut out);
-        }
-    }
-    out
+    mask::secret_values(heads.into_iter().flatten().flat_map(Head::fields))
 }
 
-/// Adds a secret field's value, and its words, to `out` (see [`secret_values`]).
-pub fn secret_words(value: &[u8], out: &mut Vec<String>) {
-    let value = String::from_utf8_lossy(value);
-    let value = value.trim();
-    let words = value.split([' ', ';', ',', '=']);
-    for v in std::iter::once(value).chain(words) {
-        if v.len() >= 8 && v != MASKED && !out.iter().any(|o| o == v) {
-            out.push(v.to_owned());
-        }
-    }
+/// What of a kept body may leave the process, by `mask`'s rules; `head` gives its content type.
+pub fn safe<'a>(head: Option<&Head>, kept: &'a KeptBody, secrets: &[String]) -> mask::Safe<'a> {
+    let content_type = head.and_then(|h| h.get("content-type"));
+    let content_type = content_type.map(String::from_utf8_lossy);
+    mask::body(content_type.as_deref(), &kept.bytes, kept.complete, secrets)
 }
 
-/// Masks every occurrence of `secrets` in the strings of `v`.
-pub fn mask_values(v: &mut Value, secrets: &[String]) {
-    if secrets.is_empty() {
-        return;
+/// A filter as the page's filter box reads it: words separated by spaces, each of which must be
+/// found (ignoring case) in the method, target, status, id, glance's id or outcome; or, as
+/// `field:text`, in that field (`method`, `path`, `status`, `id`, `upstream_id`, `outcome`, `phase`,
+/// `serial`).
+#[derive(Debug, Default)]
+pub struct Filter(Vec<(Option<&'static str>, String)>);
+
+impl Filter {
+    pub fn parse(q: &str) -> Filter {
+        Filter(
+            q.to_lowercase()
+                .split_whitespace()
+                .map(|term| {
+                    let field = term.split_once(':').and_then(|(f, v)| {
+                        let field = match f {
+                            "method" => "method",
+                            "path" | "target" => "target",
+                            "status" => "status",
+                            "id" => "id",
+                            "upstream_id" | "upstream" => "upstream_id",
+                            "outcome" => "outcome",
+                            "phase" => "phase",
+                            "serial" => "serial",
+                            _ => return None,
+                        };
+                        Some((field, v))
+                    });
+                    match field {
+                        Some((f, v)) => (Some(f), v.to_owned()),
+                        None => (None, term.to_owned()),
+                    }
+                })
+                .collect(),
+        )
     }
-    match v {
-        Value::String(s) => {
-            for secret in secrets {
-                if s.contains(secret.as_str()) {
-                    *s = s.replace(secret.as_str(), MASKED);
-                }
+
+    /// True when nothing was typed: every request is shown.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, s: &Summary<'_>) -> bool {
+        let field = |name: &str| -> String {
+            match name {
+                "method" => s.method.to_owned(),
+                "target" => s.target.to_owned(),
+                "status" => s.status.map(|v| v.to_string()).unwrap_or_default(),
+                "id" => s.id.to_owned(),
+                "upstream_id" => s.upstream_id.unwrap_or("").to_owned(),
+                "outcome" => s.outcome.unwrap_or("").to_owned(),
+                "phase" => s.phase.to_owned(),
+                _ => s.serial.to_string(),
             }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|i| mask_values(i, secrets)),
-        Value::Object(map) => map.values_mut().for_each(|i| mask_values(i, secrets)),
-        _ => {}
-    }
-}
-
-/// True when `bytes` contain, in any case, a word that names a secret.
-fn names_a_secret(bytes: &[u8]) -> bool {
-    use memchr::memmem::Finder;
-    static WORDS: LazyLock<[Finder<'static>; 4]> =
-        LazyLock::new(|| [b"password", &b"token"[..], b"secret", b"credential"].map(Finder::new));
-    thread_local! {
-        static LOWER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    }
-    let mut lower = LOWER.take();
-    lower.clear();
-    lower.extend(bytes.iter().map(u8::to_ascii_lowercase));
-    let named = WORDS.iter().any(|word| word.find(&lower).is_some());
-    if lower.capacity() <= 1 << 20 {
-        LOWER.set(lower);
-    }
-    named
-}
-
-/// True for a JSON field name whose value is a secret.
-pub(super) fn secret_field(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    ["password", "token", "secret", "credential"]
-        .iter()
-        .any(|word| name.contains(word))
-}
-
-/// Masks every secret value in `v`: under a field whose name says secret, or set by a JSON-patch
-/// operation whose path does; `under_secret` masks every value.
-pub fn mask_json(v: &mut Value, under_secret: bool) {
-    match v {
-        Value::Object(map) => {
-            // A JSON-patch operation (glance's PATCH): its `path` names the field its `value` sets.
-            let patches_secret = map.contains_key("op")
-                && map
-                    .get("path")
-                    .and_then(Value::as_str)
-                    .is_some_and(|p| secret_field(p.rsplit('/').next().unwrap_or(p)));
-            for (name, value) in map.iter_mut() {
-                let secret = secret_field(name) || (patches_secret && name == "value");
-                mask_json(value, under_secret || secret);
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                mask_json(item, under_secret);
-            }
-        }
-        Value::Null => {}
-        scalar => {
-            if under_secret {
-                *scalar = Value::String(MASKED.to_owned());
-            }
-        }
+        };
+        self.0.iter().all(|(f, v)| {
+            let hay = match f {
+                Some(f) => field(f),
+                None => ["method", "target", "status", "id", "upstream_id", "outcome"]
+                    .map(field)
+                    .join(" "),
+            };
+            hay.to_lowercase().contains(v.as_str())
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn a_secret_word_is_found_in_any_case_anywhere() {
-        assert!(names_a_secret(b"{\"auth\": {\"PassWord\": \"x\""));
-        assert!(names_a_secret(b"x-auth-token"));
-        assert!(names_a_secret(b"credential"));
-        assert!(!names_a_secret(b"tok"));
-        assert!(!names_a_secret(b"{\"name\": \"cirros\"}"));
+    fn the_filter_reads_words_and_fields() {
+        let f = Filter::parse("status:404 IMAGES");
+        assert_eq!(
+            f.0,
+            vec![
+                (Some("status"), "404".to_owned()),
+                (None, "images".to_owned())
+            ]
+        );
+        // An unknown field is a plain word.
+        assert_eq!(
+            Filter::parse("foo:bar").0,
+            vec![(None, "foo:bar".to_owned())]
+        );
+        assert!(Filter::parse("  ").is_empty());
     }
 
     #[test]
-    fn secrets_in_json_are_masked_at_any_depth() {
-        let mut v = json!({
-            "auth": {"identity": {"methods": ["password"], "password": {"user": {
-                "name": "admin", "domain": {"id": "default"}, "password": "s3cret"}}}},
-            "application_credential": {"id": "abc", "secret": "s4"},
-            "os_token": "s5",
-            "Client_Secret": 42,
-            "items": [{"token": "s6"}, {"name": "ok"}],
-            "name": "cirros",
-            "none": null,
-            "patch": [{"op": "add", "path": "/db_password", "value": "s7"},
-                      {"op": "replace", "path": "/name", "value": "new"}]
-        });
-        mask_json(&mut v, false);
-        let text = v.to_string();
-        for s in ["s3cret", "s4", "s5", "42", "s6", "s7", "admin", "abc"] {
-            assert!(!text.contains(s), "{s} leaked: {text}");
+    fn a_summary_says_whether_the_filter_shows_it() {
+        let e = crate::exchange::for_test(3, http::Method::PATCH, "/v2/images/abc");
+        e.upstream_answered(http::StatusCode::NOT_FOUND, Some("req-glance".into()));
+        let cx = Context::now(None, "http");
+        let shown = |q: &str| filtered(&e, &cx, Some(&Filter::parse(q))).shown;
+        assert_eq!(filtered(&e, &cx, None).shown, None);
+        for q in [
+            "",
+            "status:404",
+            "method:pat images",
+            "upstream:GLANCE",
+            "serial:3",
+            "404 abc",
+        ] {
+            assert_eq!(shown(q), Some(true), "{q}");
         }
-        assert_eq!(v["name"], "cirros");
-        assert_eq!(v["items"][1]["name"], "ok");
-        assert_eq!(v["auth"]["identity"]["methods"][0], "password");
-        assert_eq!(v["none"], Value::Null);
-        assert_eq!(v["patch"][1]["value"], "new");
+        for q in [
+            "status:5",
+            "method:get",
+            "images/xyz",
+            "outcome:completed",
+            "phase:done",
+        ] {
+            assert_eq!(shown(q), Some(false), "{q}");
+        }
     }
 }
