@@ -268,18 +268,43 @@ async fn refused_replays_say_why_and_reach_nothing() {
             "{ask}: {body}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        echo.requests().len(),
-        seen,
-        "a refused replay reaches nothing"
-    );
     assert_eq!(
         shim.api("/api/requests").await["recent"]
             .as_array()
             .unwrap()
             .len(),
         2,
+        "a refused replay is no request"
+    );
+
+    // Then one that is sent, through the same path. A replay is numbered before its answer goes back
+    // and before anything of it goes upstream, so this one's number, next after the two requests
+    // above, shows that no refused one entered the path; and by its completion, what glance got is
+    // counted up to and including it.
+    let (status, sent) = replay(&shim, json!({"of": "1"})).await;
+    assert_eq!(status, 202, "{sent}");
+    assert_eq!(sent["serial"], 2, "no refused replay took a number: {sent}");
+    let id = sent["id"].as_str().unwrap().to_owned();
+    shim.wait_for("the replay's completion", |l| {
+        completion(l) && l["id"] == id
+    })
+    .await;
+    let got = echo.requests();
+    assert_eq!(got.len(), seen + 1, "a refused replay reaches nothing");
+    assert!(
+        got.last()
+            .unwrap()
+            .headers
+            .iter()
+            .any(|(k, v)| { k.eq_ignore_ascii_case("x-openstack-request-id") && *v == id }),
+        "what glance got last is the replay that was sent"
+    );
+    assert_eq!(
+        shim.api("/api/requests").await["recent"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3,
         "and is no request"
     );
 }
