@@ -5,7 +5,6 @@
 mod util;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use util::*;
@@ -331,11 +330,14 @@ async fn a_request_read_back_from_disk_needs_a_fresh_token() {
     let echo = Echo::start().await;
     let dir = tempdir("replay").join("capture");
     let dir_s = dir.to_str().unwrap();
-    let first = Shim::start(&echo.port(), &["--capture", dir_s]).await;
+    let mut first = Shim::start(&echo.port(), &["--capture", dir_s]).await;
     let (head, _) = roundtrip(first.addr, &patch("[]")).await;
     assert_eq!(head.status(), 200);
     first.wait_for("the completion line", completion).await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // the capture's writer
+    // A graceful stop writes every record handed to the capture, and a record is handed to it
+    // before its completion line is logged.
+    first.signal("TERM");
+    assert!(first.exit_status().await.success(), "{}", first.dump());
     drop(first);
 
     let second = Shim::start(&echo.port(), &["--capture", dir_s]).await;
