@@ -1095,7 +1095,9 @@ async fn upstream_down_is_a_quick_json_502_logged_once_and_recovers_by_itself() 
             if i == 0 { "/first" } else { "/v2/images" },
         )));
     }
-    let started = Instant::now();
+    // At once, not after the 10 s a connection attempt may take: the refusal is the answer. The
+    // message shows it, not a clock: only a refused connect says "nothing listens" (one that timed
+    // out says it "did not accept a connection within 10 s").
     for c in clients {
         let (head, body) = c.await.unwrap();
         assert_eq!(head.status(), 502);
@@ -1111,12 +1113,6 @@ async fn upstream_down_is_a_quick_json_502_logged_once_and_recovers_by_itself() 
             "{m}"
         );
     }
-    // At once, not after the 10 s a connection attempt may take: the refusal is the answer.
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "answered after {:?}",
-        started.elapsed()
-    );
     shim.wait_for_nth("20 completions", 20, |l| {
         outcome(l) == "upstream_unreachable"
     })
