@@ -285,26 +285,27 @@ async fn past_max_connections_new_ones_get_503_and_open_ones_keep_working() {
         );
     }
     drop(open);
-    // Slots come back when connections close.
-    let mut after = None;
-    for _ in 0..100 {
+    // Slots come back when connections close. The shim frees a slot when it reads the close, and
+    // nothing tells the client when that happened: ask again until a new connection is served.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
         let answer = send_raw(
             shim.addr,
             b"GET /y HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
         )
         .await;
         if status_of(&answer) == Some(200) {
-            after = Some(answer);
             break;
         }
-        // The shim frees a slot when it reads the close, and nothing tells the client when that
-        // happened: try again until it has (the loop ends at the first success).
+        assert!(
+            Instant::now() < deadline,
+            "a new connection is served once the others closed: still refused {PATIENCE:?} after \
+             they closed, with {}",
+            String::from_utf8_lossy(&answer)
+        );
+        // The pace of the retries, not a wait for a signal: there is none to wait for.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        after.is_some(),
-        "a new connection is served once the others closed"
-    );
     shim.wait_for("the refusal warning", |l| {
         msg(l).contains("--max-connections (3) reached")
     })
@@ -484,7 +485,15 @@ async fn a_client_gone_mid_download_closes_the_upstream_connection() {
     // rest of the gigabyte. What the socket buffers hold is a few MiB at most.
     let mut written_after = 0u64;
     while written_after < 1 << 30 {
-        if conn.stream.write_all(&block).await.is_err() {
+        let wrote = tokio::time::timeout(PATIENCE, conn.stream.write_all(&block))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the shim neither read nor closed the upstream connection within {PATIENCE:?} \
+                     after the client left"
+                )
+            });
+        if wrote.is_err() {
             break;
         }
         written_after += block.len() as u64;
@@ -691,35 +700,18 @@ async fn secrets_in_headers_and_bodies_reach_no_log_at_any_level_or_format() {
             ],
             &[("RUST_LOG", level)],
         );
-        let addr = loop {
-            let text = std::fs::read_to_string(&file).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .find(|l| l.contains("listening"))
-                .and_then(|l| {
-                    let at = l.find("127.0.0.1:")?;
-                    let end = l[at..].find(['"', ' ']).map_or(l.len(), |e| at + e);
-                    l[at..end].parse::<std::net::SocketAddr>().ok()
-                })
-            {
-                break addr;
-            }
-            // The log file has no change notification; poll it.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let addr = wait_for_file(&file, "listening line with an address", |text| {
+            let line = text.lines().find(|l| l.contains("listening"))?;
+            let at = line.find("127.0.0.1:")?;
+            let end = line[at..].find(['"', ' ']).map_or(line.len(), |e| at + e);
+            line[at..end].parse::<std::net::SocketAddr>().ok()
+        })
+        .await;
         roundtrip(addr, &request).await;
-        let deadline = Instant::now() + PATIENCE;
-        while !std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .contains("completed")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no completion line in {}",
-                file.display()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_file(&file, "completion line", |text| {
+            text.contains("completed").then_some(())
+        })
+        .await;
         drop(shim);
         logs.push((file.clone(), std::fs::read_to_string(&file).unwrap()));
     }

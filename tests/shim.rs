@@ -795,24 +795,16 @@ async fn log_headers_masks_every_secret_everywhere() {
 
 /// Waits for a line containing `needle` in a text log file; returns the `listen=` address if present.
 async fn wait_for_file_line(path: &std::path::Path, needle: &str) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line
-                .split("listen=")
+    wait_for_file(path, &format!("line with {needle:?}"), |text| {
+        let line = text.lines().find(|l| l.contains(needle))?;
+        Some(
+            line.split("listen=")
                 .nth(1)
                 .map(|s| s.split(' ').next().unwrap().to_owned())
-                .unwrap_or_default();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in {}:\n{text}",
-            path.display()
-        );
-        // A file has no change notification here; poll it.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+                .unwrap_or_default(),
+        )
+    })
+    .await
 }
 
 fn tempdir() -> std::path::PathBuf {
