@@ -148,8 +148,9 @@ async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
         late.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
         let head = late.read_head().await;
         late.read_body(&head).await;
-        // Timed from the end of the response instead, the head would be cut 200 ms after its first
-        // byte; by the idle timeout, over 5 s after it, and the log would say so.
+        // The client's own pause before its next head, what is tested: timed from the end of the
+        // response instead, the head would be cut 200 ms after its first byte; by the idle timeout,
+        // over 5 s after it, and the log would say so.
         tokio::time::sleep(Duration::from_millis(800)).await;
         let first_byte = Instant::now();
         late.send("GET /b HTTP/1.1\r\n").await;
@@ -237,6 +238,7 @@ async fn a_request_held_longer_than_every_timeout_is_not_cut_off() {
         .await;
     let mut glance = upstream.accept().await;
     glance.read_head().await;
+    // glance's pause, longer than both timeouts: its length is what is tested.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     glance
         .send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
@@ -244,6 +246,7 @@ async fn a_request_held_longer_than_every_timeout_is_not_cut_off() {
     let head = client.read_head().await;
     assert_eq!(head.status(), 200);
     assert_eq!(client.read_exact(5).await, b"hello");
+    // And again in the middle of the body.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     glance.send("world").await;
     assert_eq!(client.read_exact(5).await, b"world");
