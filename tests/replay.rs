@@ -365,12 +365,21 @@ async fn a_request_read_back_from_disk_needs_a_fresh_token() {
     )
     .await;
     assert_eq!(status, 202, "{body}");
+    // A replay is numbered before its answer goes back: this one's number, next after the request
+    // read back, shows the refused one entered no path; and by its completion, what glance got is
+    // counted up to and including it.
+    assert_eq!(body["serial"], serial + 1, "the refused one took no number");
     let id = body["id"].as_str().unwrap().to_owned();
     second
         .wait_for("the replay's completion", |l| {
             completion(l) && l["id"] == id
         })
         .await;
+    assert_eq!(
+        echo.requests().len(),
+        seen + 1,
+        "the refused one reached nothing"
+    );
     let got = echo.requests().pop().unwrap();
     assert!(
         got.headers
