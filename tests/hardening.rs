@@ -83,25 +83,44 @@ async fn closed_after(conn: &mut Conn, since: Instant) -> Duration {
     since.elapsed()
 }
 
+/// The client address the shim sees for `conn`, as its log writes it.
+fn client_of(conn: &Conn) -> String {
+    conn.stream.local_addr().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
-    // The two timeouts far apart, so that which one closed a connection shows in a lower bound (a
-    // timer never fires early), however loaded the machine is.
+    // Which timeout closed a connection shows in the shim's log, and in a lower bound (a timer never
+    // fires early); no upper bound, which a loaded machine could overrun. The two timeouts far apart,
+    // so that each lower bound tells them apart too.
     const HEAD: Duration = Duration::from_secs(1);
     const IDLE: Duration = Duration::from_secs(6);
     let echo = Echo::start().await;
-    let shim = Shim::start(
+    let shim = Shim::start_with_env(
         &echo.port(),
         &["--header-timeout", "1s", "--idle-timeout", "6s"],
+        // A close for --idle-timeout is a debug line naming the client.
+        &[("RUST_LOG", "info,glance_shim::server=debug")],
     )
     .await;
     let addr = shim.addr;
+    let idle_close = |client: &str| {
+        let client = client.to_owned();
+        move |l: &serde_json::Value| {
+            msg(l).contains("closed a connection: it was idle") && field(l, "client") == client
+        }
+    };
     // Trickles a byte every 100 ms, never finishing its head: closed by the head timeout.
     let slowloris = tokio::spawn(async move {
         let mut slow = Conn::connect(addr).await;
+        let client = client_of(&slow);
         let started = Instant::now();
         slow.write(b"GET / HTTP/1.1\r\n").await;
-        while started.elapsed() < PATIENCE {
+        loop {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "the slow client was still connected after {PATIENCE:?}"
+            );
             if slow.stream.write_all(b"X").await.is_err() {
                 break;
             }
@@ -111,7 +130,7 @@ async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
                 break;
             }
         }
-        started.elapsed()
+        (started.elapsed(), client)
     });
     // Connected and silent: idle, so closed after --idle-timeout, not --header-timeout.
     // Each clock starts before the step that lets the shim start its own timer, so that the lower
@@ -119,56 +138,88 @@ async fn a_slowloris_client_and_an_idle_keep_alive_connection_are_closed() {
     let silent = tokio::spawn(async move {
         let connecting = Instant::now();
         let mut silent = Conn::connect(addr).await;
-        closed_after(&mut silent, connecting).await
+        let client = client_of(&silent);
+        (closed_after(&mut silent, connecting).await, client)
     });
     // Idle after a request, then the next head starts but never ends: timed from its first byte.
     let late = tokio::spawn(async move {
         let mut late = Conn::connect(addr).await;
+        let client = client_of(&late);
         late.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
         let head = late.read_head().await;
         late.read_body(&head).await;
-        // Timed from the end of the response instead, the head would be cut 200 ms after its first
-        // byte; by the idle timeout, over 5 s after it.
+        // The client's own pause before its next head, what is tested: timed from the end of the
+        // response instead, the head would be cut 200 ms after its first byte; by the idle timeout,
+        // over 5 s after it, and the log would say so.
         tokio::time::sleep(Duration::from_millis(800)).await;
         let first_byte = Instant::now();
         late.send("GET /b HTTP/1.1\r\n").await;
-        closed_after(&mut late, first_byte).await
+        (closed_after(&mut late, first_byte).await, client)
     });
     // An idle keep-alive connection after one request.
     let idle = tokio::spawn(async move {
         let mut idle = Conn::connect(addr).await;
+        let client = client_of(&idle);
         // The shim's idle timer starts when it has written the response, which can be before this
         // task has read it: the clock starts at the request.
         let asked = Instant::now();
         idle.send("GET /a HTTP/1.1\r\nHost: h\r\n\r\n").await;
         let head = idle.read_head().await;
         idle.read_body(&head).await;
-        closed_after(&mut idle, asked).await
+        (closed_after(&mut idle, asked).await, client)
     });
-    let slowloris = slowloris.await.unwrap();
-    assert!(
-        slowloris >= HEAD && slowloris < IDLE,
-        "the slow client was held {slowloris:?}"
-    );
-    let silent = silent.await.unwrap();
+    let (slowloris, slow_client) = slowloris.await.unwrap();
+    assert!(slowloris >= HEAD, "the slow client was held {slowloris:?}");
+    let (silent, silent_client) = silent.await.unwrap();
     assert!(
         silent >= IDLE,
         "a silent connection was closed after {silent:?}"
     );
-    let late = late.await.unwrap();
+    let (late, late_client) = late.await.unwrap();
     assert!(
-        late >= Duration::from_millis(700) && late < IDLE - Duration::from_millis(800),
+        late >= Duration::from_millis(700),
         "a late, incomplete head was closed {late:?} after its first byte"
     );
-    let idle = idle.await.unwrap();
+    let (idle, idle_client) = idle.await.unwrap();
     assert!(
         idle >= IDLE,
         "an idle keep-alive connection was closed after {idle:?}"
     );
-    shim.wait_for("the slow head's warning", |l| {
-        msg(l).contains("did not arrive within --header-timeout")
-    })
+    shim.wait_for(
+        "the silent connection's idle close",
+        idle_close(&silent_client),
+    )
     .await;
+    shim.wait_for(
+        "the keep-alive connection's idle close",
+        idle_close(&idle_client),
+    )
+    .await;
+    // The shim logs a close in the same step as it closes the connection, so the two slow heads'
+    // lines (closed after 1 s and about 2 s) were written seconds before the idle ones above (6 s):
+    // a margin that no scheduling noise covers. Neither was closed as idle, nor by an error.
+    for (what, client) in [
+        ("the slow client", &slow_client),
+        ("the late head", &late_client),
+    ] {
+        let about: Vec<_> = shim
+            .lines()
+            .into_iter()
+            .filter(|l| field(l, "client") == client.as_str())
+            .filter(|l| msg(l).contains("it was idle") || msg(l).contains("ended with an error"))
+            .collect();
+        assert!(about.is_empty(), "{what} was closed otherwise: {about:?}");
+    }
+    // Repeats within 10 s are held back: the first slow head closed is named.
+    let warning = shim
+        .wait_for("the slow head's warning", |l| {
+            msg(l).contains("did not arrive within --header-timeout")
+        })
+        .await;
+    assert!(
+        [&slow_client, &late_client].contains(&&field(&warning, "client").to_owned()),
+        "{warning}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,6 +238,7 @@ async fn a_request_held_longer_than_every_timeout_is_not_cut_off() {
         .await;
     let mut glance = upstream.accept().await;
     glance.read_head().await;
+    // glance's pause, longer than both timeouts: its length is what is tested.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     glance
         .send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
@@ -194,6 +246,7 @@ async fn a_request_held_longer_than_every_timeout_is_not_cut_off() {
     let head = client.read_head().await;
     assert_eq!(head.status(), 200);
     assert_eq!(client.read_exact(5).await, b"hello");
+    // And again in the middle of the body.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     glance.send("world").await;
     assert_eq!(client.read_exact(5).await, b"world");
@@ -235,26 +288,27 @@ async fn past_max_connections_new_ones_get_503_and_open_ones_keep_working() {
         );
     }
     drop(open);
-    // Slots come back when connections close.
-    let mut after = None;
-    for _ in 0..100 {
+    // Slots come back when connections close. The shim frees a slot when it reads the close, and
+    // nothing tells the client when that happened: ask again until a new connection is served.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
         let answer = send_raw(
             shim.addr,
             b"GET /y HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
         )
         .await;
         if status_of(&answer) == Some(200) {
-            after = Some(answer);
             break;
         }
-        // The shim frees a slot when it reads the close, and nothing tells the client when that
-        // happened: try again until it has (the loop ends at the first success).
+        assert!(
+            Instant::now() < deadline,
+            "a new connection is served once the others closed: still refused {PATIENCE:?} after \
+             they closed, with {}",
+            String::from_utf8_lossy(&answer)
+        );
+        // The pace of the retries, not a wait for a signal: there is none to wait for.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        after.is_some(),
-        "a new connection is served once the others closed"
-    );
     shim.wait_for("the refusal warning", |l| {
         msg(l).contains("--max-connections (3) reached")
     })
@@ -434,7 +488,15 @@ async fn a_client_gone_mid_download_closes_the_upstream_connection() {
     // rest of the gigabyte. What the socket buffers hold is a few MiB at most.
     let mut written_after = 0u64;
     while written_after < 1 << 30 {
-        if conn.stream.write_all(&block).await.is_err() {
+        let wrote = tokio::time::timeout(PATIENCE, conn.stream.write_all(&block))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the shim neither read nor closed the upstream connection within {PATIENCE:?} \
+                     after the client left"
+                )
+            });
+        if wrote.is_err() {
             break;
         }
         written_after += block.len() as u64;
@@ -641,35 +703,18 @@ async fn secrets_in_headers_and_bodies_reach_no_log_at_any_level_or_format() {
             ],
             &[("RUST_LOG", level)],
         );
-        let addr = loop {
-            let text = std::fs::read_to_string(&file).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .find(|l| l.contains("listening"))
-                .and_then(|l| {
-                    let at = l.find("127.0.0.1:")?;
-                    let end = l[at..].find(['"', ' ']).map_or(l.len(), |e| at + e);
-                    l[at..end].parse::<std::net::SocketAddr>().ok()
-                })
-            {
-                break addr;
-            }
-            // The log file has no change notification; poll it.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let addr = wait_for_file(&file, "listening line with an address", |text| {
+            let line = text.lines().find(|l| l.contains("listening"))?;
+            let at = line.find("127.0.0.1:")?;
+            let end = line[at..].find(['"', ' ']).map_or(line.len(), |e| at + e);
+            line[at..end].parse::<std::net::SocketAddr>().ok()
+        })
+        .await;
         roundtrip(addr, &request).await;
-        let deadline = Instant::now() + PATIENCE;
-        while !std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .contains("completed")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no completion line in {}",
-                file.display()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_file(&file, "completion line", |text| {
+            text.contains("completed").then_some(())
+        })
+        .await;
         drop(shim);
         logs.push((file.clone(), std::fs::read_to_string(&file).unwrap()));
     }

@@ -98,11 +98,17 @@ impl EventReader {
 
     /// The next event about request `serial` (or of a kind without one).
     async fn next_for(&mut self, serial: u64) -> Sse {
+        // Ticks come for as long as a request is in flight: the wait needs its own end.
+        let deadline = std::time::Instant::now() + PATIENCE;
         loop {
             let e = self.next().await;
             if e.data["serial"] == serial {
                 return e;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no event about request {serial} within {PATIENCE:?}; the last one: {e:?}"
+            );
         }
     }
 }
@@ -240,7 +246,12 @@ async fn the_events_of_one_request_come_in_order_and_a_reconnect_misses_nothing(
     assert_eq!(arrived.data["phase"], "awaiting_headers");
     let serial = arrived.data["serial"].as_u64().unwrap();
     // While it is held, the tick shows it in flight, and stalled once --stall-after has passed.
+    let deadline = std::time::Instant::now() + PATIENCE;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tick showed the held request stalled within {PATIENCE:?}"
+        );
         let tick = events.next().await;
         assert_eq!(tick.event, "inflight", "{tick:?}");
         assert!(tick.id.is_none(), "ticks do not move Last-Event-ID");
@@ -540,7 +551,12 @@ async fn a_reader_that_stops_reading_slows_nothing_and_is_told_to_resync() {
         .expect("the proxy was slowed down by a reader that does not read");
     assert_eq!(echo.requests().len(), 3000);
 
+    let deadline = std::time::Instant::now() + PATIENCE;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync event within {PATIENCE:?}"
+        );
         let e = reader.next().await;
         if e.event == "resync" {
             assert!(e.data["missed"].as_u64().unwrap() > 0);

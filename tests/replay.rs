@@ -5,7 +5,6 @@
 mod util;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use util::*;
@@ -268,18 +267,43 @@ async fn refused_replays_say_why_and_reach_nothing() {
             "{ask}: {body}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        echo.requests().len(),
-        seen,
-        "a refused replay reaches nothing"
-    );
     assert_eq!(
         shim.api("/api/requests").await["recent"]
             .as_array()
             .unwrap()
             .len(),
         2,
+        "a refused replay is no request"
+    );
+
+    // Then one that is sent, through the same path. A replay is numbered before its answer goes back
+    // and before anything of it goes upstream, so this one's number, next after the two requests
+    // above, shows that no refused one entered the path; and by its completion, what glance got is
+    // counted up to and including it.
+    let (status, sent) = replay(&shim, json!({"of": "1"})).await;
+    assert_eq!(status, 202, "{sent}");
+    assert_eq!(sent["serial"], 2, "no refused replay took a number: {sent}");
+    let id = sent["id"].as_str().unwrap().to_owned();
+    shim.wait_for("the replay's completion", |l| {
+        completion(l) && l["id"] == id
+    })
+    .await;
+    let got = echo.requests();
+    assert_eq!(got.len(), seen + 1, "a refused replay reaches nothing");
+    assert!(
+        got.last()
+            .unwrap()
+            .headers
+            .iter()
+            .any(|(k, v)| { k.eq_ignore_ascii_case("x-openstack-request-id") && *v == id }),
+        "what glance got last is the replay that was sent"
+    );
+    assert_eq!(
+        shim.api("/api/requests").await["recent"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3,
         "and is no request"
     );
 }
@@ -306,11 +330,14 @@ async fn a_request_read_back_from_disk_needs_a_fresh_token() {
     let echo = Echo::start().await;
     let dir = tempdir("replay").join("capture");
     let dir_s = dir.to_str().unwrap();
-    let first = Shim::start(&echo.port(), &["--capture", dir_s]).await;
+    let mut first = Shim::start(&echo.port(), &["--capture", dir_s]).await;
     let (head, _) = roundtrip(first.addr, &patch("[]")).await;
     assert_eq!(head.status(), 200);
     first.wait_for("the completion line", completion).await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // the capture's writer
+    // A graceful stop writes every record handed to the capture, and a record is handed to it
+    // before its completion line is logged.
+    first.signal("TERM");
+    assert!(first.exit_status().await.success(), "{}", first.dump());
     drop(first);
 
     let second = Shim::start(&echo.port(), &["--capture", dir_s]).await;
@@ -338,12 +365,21 @@ async fn a_request_read_back_from_disk_needs_a_fresh_token() {
     )
     .await;
     assert_eq!(status, 202, "{body}");
+    // A replay is numbered before its answer goes back: this one's number, next after the request
+    // read back, shows the refused one entered no path; and by its completion, what glance got is
+    // counted up to and including it.
+    assert_eq!(body["serial"], serial + 1, "the refused one took no number");
     let id = body["id"].as_str().unwrap().to_owned();
     second
         .wait_for("the replay's completion", |l| {
             completion(l) && l["id"] == id
         })
         .await;
+    assert_eq!(
+        echo.requests().len(),
+        seen + 1,
+        "the refused one reached nothing"
+    );
     let got = echo.requests().pop().unwrap();
     assert!(
         got.headers

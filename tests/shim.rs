@@ -477,7 +477,9 @@ async fn expect_100_continues_second_is_counted_from_when_glance_has_the_request
     let mut client = put_expecting_continue(&shim, "/v2/images/x/file").await;
     shim.wait_for("the outage", |l| msg(l).contains("Holding requests"))
         .await;
-    // The restart takes longer than a second (the subject of this test, not a wait for the shim).
+    // The restart takes longer than the second glance has to answer 100 Continue: the length of the
+    // outage is the subject of this test, not a wait for the shim. Whether the shim sent a 100 of its
+    // own meanwhile, the completion line says below ("relayed", not "timed_out").
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let up = RawUpstream::on(down.listen());
     let mut conn = up.accept().await;
@@ -793,24 +795,16 @@ async fn log_headers_masks_every_secret_everywhere() {
 
 /// Waits for a line containing `needle` in a text log file; returns the `listen=` address if present.
 async fn wait_for_file_line(path: &std::path::Path, needle: &str) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line
-                .split("listen=")
+    wait_for_file(path, &format!("line with {needle:?}"), |text| {
+        let line = text.lines().find(|l| l.contains(needle))?;
+        Some(
+            line.split("listen=")
                 .nth(1)
                 .map(|s| s.split(' ').next().unwrap().to_owned())
-                .unwrap_or_default();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in {}:\n{text}",
-            path.display()
-        );
-        // A file has no change notification here; poll it.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+                .unwrap_or_default(),
+        )
+    })
+    .await
 }
 
 fn tempdir() -> std::path::PathBuf {
@@ -1006,23 +1000,25 @@ async fn a_slow_client_upload_is_not_mistaken_for_a_breakpoint() {
     let mut conn = up.accept().await;
     conn.read_head().await;
     assert_eq!(conn.read_exact(3).await, b"abc");
-    // The client dawdles for well over the threshold; the upstream is reading, so no notice.
+    // The client dawdles for well over the threshold (its own pace, what is tested); the upstream is
+    // reading, so no notice.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(
-        shim.count(|l| msg(l).contains("probably paused")),
-        0,
-        "{}",
-        shim.dump()
-    );
     client.write(b"defghij").await;
     assert_eq!(conn.read_exact(7).await, b"defghij");
-    // Now glance is the slow one: the watchdog, silent above, does speak.
+    // Now glance is the slow one: the watchdog, silent above, does speak. One task logs every
+    // notice, in the order it finds them due, and glance's falls due after the dawdle: had the
+    // dawdle earned one (phase receiving_body), it would be the first in the log.
     let notice = shim
         .wait_for("a notice for glance's pause", |l| {
             msg(l).contains("probably paused")
         })
         .await;
-    assert_eq!(field(&notice, "phase"), "awaiting_headers");
+    assert_eq!(
+        field(&notice, "phase"),
+        "awaiting_headers",
+        "the first notice is for glance's pause, none for the client's dawdle: {}",
+        shim.dump()
+    );
     conn.send("HTTP/1.1 204 No Content\r\n\r\n").await;
     assert_eq!(client.read_head().await.status(), 204);
     let done = shim.wait_for("completion", completion).await;
@@ -1091,7 +1087,9 @@ async fn upstream_down_is_a_quick_json_502_logged_once_and_recovers_by_itself() 
             if i == 0 { "/first" } else { "/v2/images" },
         )));
     }
-    let started = Instant::now();
+    // At once, not after the 10 s a connection attempt may take: the refusal is the answer. The
+    // message shows it, not a clock: only a refused connect says "nothing listens" (one that timed
+    // out says it "did not accept a connection within 10 s").
     for c in clients {
         let (head, body) = c.await.unwrap();
         assert_eq!(head.status(), 502);
@@ -1107,12 +1105,6 @@ async fn upstream_down_is_a_quick_json_502_logged_once_and_recovers_by_itself() 
             "{m}"
         );
     }
-    // At once, not after the 10 s a connection attempt may take: the refusal is the answer.
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "answered after {:?}",
-        started.elapsed()
-    );
     shim.wait_for_nth("20 completions", 20, |l| {
         outcome(l) == "upstream_unreachable"
     })

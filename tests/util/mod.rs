@@ -268,6 +268,29 @@ pub fn completion(line: &Value) -> bool {
     !outcome(line).is_empty()
 }
 
+/// Waits until `found` picks something out of the text of the file at `path` (a log the shim writes
+/// with `--log-file`) and returns it; `what` names what is waited for.
+pub async fn wait_for_file<T>(
+    path: &std::path::Path,
+    what: &str,
+    found: impl Fn(&str) -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(got) = found(&text) {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} in {} within {PATIENCE:?}; it holds:\n{text}",
+            path.display()
+        );
+        // A file has no change notification without inotify, which no test dependency offers; poll.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A command for the shim binary with no `GLANCE_SHIM_*` variable of the caller's environment, and
 /// its inspector on a free port (tests run in parallel; the default port is tested on its own).
 pub fn shim_command() -> Command {
