@@ -520,6 +520,15 @@ def startup_ms(binary, trials=20):
 PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "glance-shim, capture on", "nginx", "HAProxy", "socat", "mitmdump"]
 ALL_PEERS = PEERS + ["glance-shim, bare"]
 
+# --guards BEFORE: the shim against the build before a change, as the default and with --capture, in the
+# same run. req/s and MB/s are the median of the ratios new / before within each run; a ratio of
+# small-request req/s swings by up to 30% from run to run on a shared 2-core machine, hence 0.8, which
+# catches only a gross regression (bench/cost.sh pairs answer finer questions). The RSS limit is absolute:
+# README promises 12 MiB during a large transfer.
+GUARD_RPS = [("rps_c16", 0.8), ("rps_c64", 0.8)]
+GUARD_TRANSFER = 0.95
+GUARD_TRANSFER_RSS_MIB = 12
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -534,6 +543,13 @@ def main():
     ap.add_argument("--build", action="append", default=[], metavar="NAME=PATH",
                     help="another glance-shim binary to measure beside the others, e.g. the build "
                          "before a change (repeatable)")
+    ap.add_argument("--build-capture", action="store_true",
+                    help="with each --build NAME, also measure it with --capture DIR as the peer "
+                         "'glance-shim NAME, capture on'")
+    ap.add_argument("--guards", metavar="NAME",
+                    help="compare the shim, and the shim with --capture, against --build NAME (and its "
+                         "capture peer): req/s at c16 and c64 >= 0.8x, transfers >= 0.95x, RSS in "
+                         "transfers <= 12 MiB; print each with PASS or FAIL and exit 1 on a FAIL")
     ap.add_argument("--upstream", default=os.path.join(ROOT, "target/release/examples/bench-upstream"))
     ap.add_argument("--upstream-kind", choices=["rust", "nginx"], default="rust",
                     help="the upstream: bench/upstream.rs, or nginx with 1 worker and a Lua upload reader "
@@ -546,6 +562,16 @@ def main():
                     help="exit 1 unless glance-shim reaches the floor: transfers >= 0.7x and small "
                          "GETs >= 0.35x no proxy")
     args = ap.parse_args()
+    if args.guards:
+        # Checked before the run rather than after it: a guard that was not measured must not pass.
+        needs = [(args.guards in [b.split("=", 1)[0] for b in args.build], f"--build {args.guards}=PATH"),
+                 (args.build_capture, "--build-capture"),
+                 ({"glance-shim", "glance-shim, capture on"} <= set(args.peers),
+                  "the peers 'glance-shim' and 'glance-shim, capture on'"),
+                 ({16, 64} <= set(args.connections), "--connections with 16 and 64")]
+        missing = [what for ok, what in needs if not ok]
+        if missing:
+            ap.error(f"--guards {args.guards} needs " + ", ".join(missing))
 
     for tool in ("wrk", "curl"):
         if not shutil.which(tool):
@@ -582,6 +608,9 @@ def main():
         for build in args.build:
             name, path = build.split("=", 1)
             peers.append(GlanceShim(upstream_port, workdir, os.path.abspath(path), name=f"glance-shim {name}"))
+            if args.build_capture:
+                peers.append(GlanceShim(upstream_port, workdir, os.path.abspath(path), capture=True,
+                                        name=f"glance-shim {name}, capture on"))
         runs = {p.name: [] for p in peers}
         for i in range(args.runs):
             print(f"run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
@@ -700,6 +729,31 @@ def main():
                           for k in keys if k.startswith("rps_") or k.endswith("MBps"))
         print(f"capture cost (--capture DIR, against the default): {costs}")
 
+    guard_failures = []
+    if args.guards:
+        print(f"\nGuards against glance-shim {args.guards}, median of {args.runs} runs (new / before: the median "
+              "of the ratios within each run):\n")
+        lines = ["| guard | new | before | new / before | limit | |", "|---|---|---|---|---|---|"]
+        for new in ("glance-shim", "glance-shim, capture on"):
+            old = new.replace("glance-shim", f"glance-shim {args.guards}", 1)
+            limits = GUARD_RPS + [(k, GUARD_TRANSFER) for k in keys if k.endswith("_MBps")]
+            for k, limit in limits:
+                unit = "req/s" if k.startswith("rps_") else "MB/s"
+                r = ratio(new, k, old)
+                ok = r is not None and r >= limit
+                lines.append(f"| {new}: {k} | {med[new][k]:.0f} {unit} | {med[old][k]:.0f} {unit} | "
+                             f"{'-' if r is None else f'{r:.2f}'} | >= {limit} | {'PASS' if ok else 'FAIL'} |")
+                if not ok:
+                    guard_failures.append(f"{new}: {k}")
+            rss, rss_before = med[new]["transfer_rss_MiB"], med[old]["transfer_rss_MiB"]
+            ok = rss is not None and rss <= GUARD_TRANSFER_RSS_MIB
+            lines.append(f"| {new}: transfer_rss_MiB | {'-' if rss is None else f'{rss:.1f} MiB'} | "
+                         f"{'-' if rss_before is None else f'{rss_before:.1f} MiB'} | - | "
+                         f"<= {GUARD_TRANSFER_RSS_MIB} MiB | {'PASS' if ok else 'FAIL'} |")
+            if not ok:
+                guard_failures.append(f"{new}: transfer_rss_MiB")
+        print("\n".join(lines))
+
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "cores": os.cpu_count(),
@@ -718,6 +772,8 @@ def main():
         if failed:
             sys.exit("below the floor: " + "; ".join(failed))
         print("floor reached: transfers >= 0.7x, small GETs >= 0.35x no proxy")
+    if guard_failures:
+        sys.exit("guards failed: " + "; ".join(guard_failures))
 
 
 if __name__ == "__main__":
