@@ -3,7 +3,8 @@
 one run, repeated, combined by median, printed as ratios to "no proxy".
 
 Run it through bench/run.sh, which builds and installs what it needs. Figures per peer:
-  small GET req/s and p50/p99 latency (wrk, 16 and 64 connections),
+  small GET req/s and p50/p99 latency (wrk, 1, 16 and 64 connections); at one connection, the latency
+  each proxy adds to no proxy's, which is what a developer sending one request at a time feels,
   MB/s for a large download of a file the upstream reads as glance's file store does, an upload with
   Content-Length and a chunked upload (curl), each checked for its byte count so a proxy that drops
   data cannot look fast; and a download from a synthetic upstream that costs nothing per byte,
@@ -437,7 +438,9 @@ def metrics(args, upload_file):
     """Every figure, as (key, function of port) pairs, in the order they are taken."""
     out = []
     for c in args.connections:
-        out.append((f"small_c{c}", lambda port, c=c: wrk(port, c, args.seconds, args.wrk_threads)))
+        # wrk needs a connection per thread: one connection is wrk -t1 -c1.
+        threads = min(args.wrk_threads, c)
+        out.append((f"small_c{c}", lambda port, c=c, t=threads: wrk(port, c, args.seconds, t)))
     out.append(("down_MBps", lambda port: curl_download(port, "/file", args.bytes)))
     out.append(("up_MBps", lambda port: curl_upload(port, upload_file, args.bytes, chunked=False)))
     out.append(("chunked_up_MBps", lambda port: curl_upload(port, upload_file, args.bytes, chunked=True)))
@@ -517,19 +520,36 @@ def startup_ms(binary, trials=20):
 PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "glance-shim, capture on", "nginx", "HAProxy", "socat", "mitmdump"]
 ALL_PEERS = PEERS + ["glance-shim, bare"]
 
+# --guards BEFORE: the shim against the build before a change, as the default and with --capture, in the
+# same run. req/s and MB/s are the median of the ratios new / before within each run; a ratio of
+# small-request req/s swings by up to 30% from run to run on a shared 2-core machine, hence 0.8, which
+# catches only a gross regression (bench/cost.sh pairs answer finer questions). The RSS limit is absolute:
+# README promises 12 MiB during a large transfer.
+GUARD_RPS = [("rps_c16", 0.8), ("rps_c64", 0.8)]
+GUARD_TRANSFER = 0.95
+GUARD_TRANSFER_RSS_MIB = 12
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per figure")
     ap.add_argument("--bytes", type=int, default=1 << 30, help="size of each large transfer")
-    ap.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64],
+                    help="wrk -c for the small GETs; at 1, the latency each proxy adds is printed too")
     ap.add_argument("--wrk-threads", type=int, default=2, help="wrk -t for the small GETs")
     ap.add_argument("--peers", nargs="+", default=PEERS, choices=ALL_PEERS, help="proxies to compare")
     ap.add_argument("--shim", default=os.path.join(ROOT, "target/release/glance-shim"))
     ap.add_argument("--build", action="append", default=[], metavar="NAME=PATH",
                     help="another glance-shim binary to measure beside the others, e.g. the build "
                          "before a change (repeatable)")
+    ap.add_argument("--build-capture", action="store_true",
+                    help="with each --build NAME, also measure it with --capture DIR as the peer "
+                         "'glance-shim NAME, capture on'")
+    ap.add_argument("--guards", metavar="NAME",
+                    help="compare the shim, and the shim with --capture, against --build NAME (and its "
+                         "capture peer): req/s at c16 and c64 >= 0.8x, transfers >= 0.95x, RSS in "
+                         "transfers <= 12 MiB; print each with PASS or FAIL and exit 1 on a FAIL")
     ap.add_argument("--upstream", default=os.path.join(ROOT, "target/release/examples/bench-upstream"))
     ap.add_argument("--upstream-kind", choices=["rust", "nginx"], default="rust",
                     help="the upstream: bench/upstream.rs, or nginx with 1 worker and a Lua upload reader "
@@ -542,6 +562,16 @@ def main():
                     help="exit 1 unless glance-shim reaches the floor: transfers >= 0.7x and small "
                          "GETs >= 0.35x no proxy")
     args = ap.parse_args()
+    if args.guards:
+        # Checked before the run rather than after it: a guard that was not measured must not pass.
+        needs = [(args.guards in [b.split("=", 1)[0] for b in args.build], f"--build {args.guards}=PATH"),
+                 (args.build_capture, "--build-capture"),
+                 ({"glance-shim", "glance-shim, capture on"} <= set(args.peers),
+                  "the peers 'glance-shim' and 'glance-shim, capture on'"),
+                 ({16, 64} <= set(args.connections), "--connections with 16 and 64")]
+        missing = [what for ok, what in needs if not ok]
+        if missing:
+            ap.error(f"--guards {args.guards} needs " + ", ".join(missing))
 
     for tool in ("wrk", "curl"):
         if not shutil.which(tool):
@@ -578,6 +608,9 @@ def main():
         for build in args.build:
             name, path = build.split("=", 1)
             peers.append(GlanceShim(upstream_port, workdir, os.path.abspath(path), name=f"glance-shim {name}"))
+            if args.build_capture:
+                peers.append(GlanceShim(upstream_port, workdir, os.path.abspath(path), capture=True,
+                                        name=f"glance-shim {name}, capture on"))
         runs = {p.name: [] for p in peers}
         for i in range(args.runs):
             print(f"run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
@@ -608,8 +641,17 @@ def main():
             return None
         return statistics.median(a / b for a, b in pairs)
 
+    def added(name, k, base="no proxy"):
+        """Median over runs of the difference taken within each run: the latency a proxy adds."""
+        pairs = [(r[k], d[k]) for r, d in zip(runs[name], runs[base])]
+        if any(a is None or b is None for a, b in pairs):
+            return None
+        return statistics.median(a - b for a, b in pairs)
+
+    # The first figure under load (c16 by default) is the one the p99 column and the floor are about.
+    loaded = next((c for c in args.connections if c > 1), args.connections[0])
     cols = [(f"rps_c{c}", f"GET c{c}") for c in args.connections] + \
-           [(f"p99_ms_c{args.connections[0]}", f"p99 c{args.connections[0]}"),
+           [(f"p99_ms_c{loaded}", f"p99 c{loaded}"),
             ("down_MBps", "1 GiB down"), ("up_MBps", "1 GiB up"), ("chunked_up_MBps", "chunked up")] + \
            ([("synthetic_down_MBps", "synthetic down")] if args.upstream_kind == "rust" else [])
 
@@ -633,6 +675,19 @@ def main():
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def added_table():
+        lines = ["| peer | added p50 c1 | added p99 c1 | req/s c1 vs nginx |", "|---|---|---|---|"]
+        for name in med:
+            if name == "no proxy":
+                cells = [f"{med[name][k]:.3f} ms" for k in ("p50_ms_c1", "p99_ms_c1")]
+            else:
+                cells = ["-" if d is None else f"{d:+.3f} ms"
+                         for d in (added(name, "p50_ms_c1"), added(name, "p99_ms_c1"))]
+            r = ratio(name, "rps_c1", "nginx")
+            cells.append("-" if r is None else f"{r:.2f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {args.upstream_kind} upstream, median of "
           f"{args.runs} runs. Each figure "
           f"is a ratio to no proxy in the same run (p99: multiple of no proxy's latency):\n")
@@ -640,6 +695,10 @@ def main():
     if "nginx" in med:
         print("\nThe same as ratios to nginx:\n")
         print(table("nginx"))
+    if 1 in args.connections:
+        print(f"\nAt one connection (wrk -t1 -c1), the latency each proxy adds to no proxy's, median of {args.runs} "
+              "runs of the difference within a run (no proxy's row: its own latency), and req/s as a ratio to nginx's:\n")
+        print(added_table())
     print(f"\nCPU per small request, the proxy's whole process tree (/proc/PID/stat), median of {args.runs} runs "
           "(in brackets, the part of it in the kernel):\n")
     cpu_keys = [f"cpu_us_c{c}" for c in args.connections]
@@ -670,22 +729,51 @@ def main():
                           for k in keys if k.startswith("rps_") or k.endswith("MBps"))
         print(f"capture cost (--capture DIR, against the default): {costs}")
 
+    guard_failures = []
+    if args.guards:
+        print(f"\nGuards against glance-shim {args.guards}, median of {args.runs} runs (new / before: the median "
+              "of the ratios within each run):\n")
+        lines = ["| guard | new | before | new / before | limit | |", "|---|---|---|---|---|---|"]
+        for new in ("glance-shim", "glance-shim, capture on"):
+            old = new.replace("glance-shim", f"glance-shim {args.guards}", 1)
+            limits = GUARD_RPS + [(k, GUARD_TRANSFER) for k in keys if k.endswith("_MBps")]
+            for k, limit in limits:
+                unit = "req/s" if k.startswith("rps_") else "MB/s"
+                r = ratio(new, k, old)
+                ok = r is not None and r >= limit
+                lines.append(f"| {new}: {k} | {med[new][k]:.0f} {unit} | {med[old][k]:.0f} {unit} | "
+                             f"{'-' if r is None else f'{r:.2f}'} | >= {limit} | {'PASS' if ok else 'FAIL'} |")
+                if not ok:
+                    guard_failures.append(f"{new}: {k}")
+            rss, rss_before = med[new]["transfer_rss_MiB"], med[old]["transfer_rss_MiB"]
+            ok = rss is not None and rss <= GUARD_TRANSFER_RSS_MIB
+            lines.append(f"| {new}: transfer_rss_MiB | {'-' if rss is None else f'{rss:.1f} MiB'} | "
+                         f"{'-' if rss_before is None else f'{rss_before:.1f} MiB'} | - | "
+                         f"<= {GUARD_TRANSFER_RSS_MIB} MiB | {'PASS' if ok else 'FAIL'} |")
+            if not ok:
+                guard_failures.append(f"{new}: transfer_rss_MiB")
+        print("\n".join(lines))
+
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "cores": os.cpu_count(),
                    "startup_ms": start_ms, "runs": runs, "median": med,
                    "ratio_to_direct": {n: {k: ratio(n, k) for k in keys} for n in med},
-                   "ratio_to_nginx": {n: {k: ratio(n, k, "nginx") for k in keys} for n in med}}, f, indent=1)
+                   "ratio_to_nginx": {n: {k: ratio(n, k, "nginx") for k in keys} for n in med},
+                   "added_to_direct_ms": {n: {k: added(n, k) for k in keys if k.startswith(("p50_", "p99_"))}
+                                          for n in med}}, f, indent=1)
     print(f"saved {args.json}", file=sys.stderr)
 
     if args.floor:
         shim = "glance-shim"
         failed = [f"{k} {ratio(shim, k):.2f} < {floor}" for k, floor in
                   [("down_MBps", 0.7), ("up_MBps", 0.7), ("chunked_up_MBps", 0.7),
-                   (f"rps_c{args.connections[0]}", 0.35)] if ratio(shim, k) < floor]
+                   (f"rps_c{loaded}", 0.35)] if ratio(shim, k) < floor]
         if failed:
             sys.exit("below the floor: " + "; ".join(failed))
         print("floor reached: transfers >= 0.7x, small GETs >= 0.35x no proxy")
+    if guard_failures:
+        sys.exit("guards failed: " + "; ".join(guard_failures))
 
 
 if __name__ == "__main__":
