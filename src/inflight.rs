@@ -298,9 +298,8 @@ impl Registry {
 
 /// Owns a request's record while it is open: made when the request arrives, held by the proxy and
 /// then by the response body, which outlives the proxy's future. Dropping it ends the request,
-/// however it ended: the record is settled, handed to the capture, moved from the in-flight list to
-/// the kept ones, and then its one completion line is written, so that whoever reads that line
-/// finds the request everywhere else already. The client connection leaves its serving phase with it.
+/// however it ended: the record is settled, then finished (see [`Finish`]). The client connection
+/// leaves its serving phase with it.
 #[derive(Debug)]
 pub struct ExchangeGuard {
     exchange: Arc<Exchange>,
@@ -320,9 +319,35 @@ impl ExchangeGuard {
 }
 
 impl Drop for ExchangeGuard {
+    /// The request is over. What that takes (handing the record on, the completion line) is done
+    /// by a task of its own: hyper drops a response body before it writes the response's last bytes
+    /// to the client, so done here, it would hold the response back by a log write.
     fn drop(&mut self) {
-        let outcome = self.exchange.settle();
+        self.exchange.settle();
+        let finish = Finish {
+            exchange: self.exchange.clone(),
+            registry: self.registry.clone(),
+        };
+        match tokio::runtime::Handle::try_current() {
+            // A task the runtime drops unpolled (it is shutting down) still finishes the request.
+            Ok(runtime) => drop(runtime.spawn(async move { drop(finish) })),
+            Err(_) => drop(finish),
+        }
+    }
+}
+
+/// A request that is over, finished when dropped: handed to the capture, moved from the in-flight
+/// list to the kept ones, and then its one completion line is written, so that whoever reads that
+/// line finds the request everywhere else already.
+struct Finish {
+    exchange: Arc<Exchange>,
+    registry: Arc<Registry>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
         self.registry.finish(&self.exchange);
+        let outcome = self.exchange.outcome().unwrap_or(Outcome::ClientGone);
         self.exchange.log_completion(outcome);
     }
 }

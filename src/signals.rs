@@ -29,7 +29,7 @@ pub fn shutdown_signals() -> watch::Receiver<u8> {
             _ = int.recv() => "SIGINT",
         };
         info!(
-            signal = name,
+            signal = %name,
             "{name} received; press Ctrl-C again to exit at once"
         );
         tx.send_replace(1);
