@@ -1323,7 +1323,7 @@ async fn a_bad_flag_is_one_line_and_exit_2() {
     );
 }
 
-/// One row of README's flags table: the flag with its value, the variable, the default.
+/// One row of the flags table (docs/flags.md): the flag with its value, the variable, the default.
 #[derive(Debug, PartialEq, Eq)]
 struct FlagRow {
     flag: String,
@@ -1332,10 +1332,10 @@ struct FlagRow {
 }
 
 #[test]
-fn the_readme_flags_table_and_help_agree_row_for_row() {
+fn the_flags_table_and_help_agree_row_for_row() {
     use clap::CommandFactory;
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/flags.md")).unwrap();
     let documented: Vec<FlagRow> = readme
         .lines()
         .filter(|l| l.starts_with("| `--"))
