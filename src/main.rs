@@ -79,11 +79,16 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
         // Removed when this block ends, however the shim stops short of being killed.
         let mut _key_file = None;
         let mut url = None;
-        if let (Some(listener), Some(inspect)) = (inspector, &server.config().inspect) {
-            let listen = server.local_addr().map_err(StartError::Runtime)?;
-            let config = server.config();
+        let config = server.config();
+        if let (Some(listener), Some(inspect)) = (inspector, &config.inspect) {
+            let listen = server
+                .local_addr()
+                .map_err(|error| StartError::bind(&config.listen, error))?;
             let started = inspect::start(listener, &config, inspect, listen, server.proxy());
-            let (address, key_file) = started.map_err(StartError::Runtime)?;
+            let (address, key_file) = started.map_err(|error| StartError::Inspect {
+                addr: inspect.addr.clone(),
+                error,
+            })?;
             (url, _key_file) = (Some(address), key_file);
         }
         let registry = server.registry();
