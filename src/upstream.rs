@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -128,15 +128,19 @@ struct ConnectorInner {
         tokio_rustls::TlsConnector,
         rustls::pki_types::ServerName<'static>,
     )>,
+    /// Counts the connections to the upstream that have closed (see `server`'s memory give-back).
+    closed: Arc<AtomicUsize>,
 }
 
 impl Connector {
-    /// `tls` is the client configuration for an https upstream (see `tls::client_config`).
+    /// `tls` is the client configuration for an https upstream (see `tls::client_config`); `closed`
+    /// is counted up as each connection closes.
     pub fn new(
         upstream: &Upstream,
         wait: Option<Duration>,
         health: Arc<Health>,
         tls: Option<Arc<rustls::ClientConfig>>,
+        closed: Arc<AtomicUsize>,
     ) -> Result<Connector, TlsError> {
         let tls = match tls {
             Some(config) => Some((
@@ -151,6 +155,7 @@ impl Connector {
                 wait,
                 health,
                 tls,
+                closed,
             }),
         })
     }
@@ -254,12 +259,15 @@ impl ConnectorInner {
     }
 }
 
-/// How long an idle upstream connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle upstream connection is kept (hyper-util looks this often, so up to twice as long).
+/// A lone request after a longer pause connects again, which on loopback costs a tenth of a
+/// millisecond; what a burst opened is closed soon after it, and its memory given back (`server`).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Idle upstream connections kept at most: more than a debugging session keeps busy, few enough
-/// that what a burst opened does not stay in memory (hyper's buffers, tens of KiB each).
-const MAX_IDLE: usize = 8;
+/// Idle upstream connections kept at most: as many as a burst keeps busy (nginx's `keepalive 64`).
+/// Fewer, and a burst closes and opens connections all the time: at 64 connections, 8 kept idle
+/// halved the shim's req/s (bench/README.md).
+const MAX_IDLE: usize = 64;
 
 /// The client that sends requests to the upstream, over `connector`'s connections.
 ///
@@ -312,12 +320,27 @@ impl tower_service::Service<Uri> for Connector {
     /// reach.
     fn call(&mut self, _: Uri) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.connect().await.map(UpstreamIo) })
+        Box::pin(async move {
+            let io = inner.connect().await?;
+            Ok(UpstreamIo {
+                io,
+                closed: inner.closed.clone(),
+            })
+        })
     }
 }
 
 /// A connection to the upstream, as hyper-util's client uses it.
-pub struct UpstreamIo(TokioIo<Stream>);
+pub struct UpstreamIo {
+    io: TokioIo<Stream>,
+    closed: Arc<AtomicUsize>,
+}
+
+impl Drop for UpstreamIo {
+    fn drop(&mut self) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
@@ -331,7 +354,7 @@ impl hyper::rt::Read for UpstreamIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -341,7 +364,7 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -349,19 +372,19 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -407,7 +430,8 @@ mod tests {
     #[tokio::test]
     async fn requests_one_after_another_share_one_connection() {
         let (upstream, connections) = upstream().await;
-        let connector = Connector::new(&upstream, None, Arc::default(), None).unwrap();
+        let connector =
+            Connector::new(&upstream, None, Arc::default(), None, Arc::default()).unwrap();
         let client = client::<Empty<Bytes>>(connector);
         for _ in 0..5 {
             let res = client.request(request(&upstream)).await.unwrap();

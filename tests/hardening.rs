@@ -589,6 +589,44 @@ async fn paused_upstream_with_64_requests(pause: Duration) {
     }
 }
 
+/// glibc keeps freed memory in the process: without the shim's give-back (`server::give_back_memory`),
+/// what 64 connections at once left would stay resident after they closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_a_burst_of_connections_left_is_given_back() {
+    let echo = Echo::start().await;
+    let shim = Shim::start_with_env(
+        &echo.port(),
+        &[],
+        &[("RUST_LOG", "info,glance_shim::server=debug")],
+    )
+    .await;
+    let mut conns = Vec::new();
+    for _ in 0..64 {
+        conns.push(Conn::connect(shim.addr).await);
+    }
+    // Every connection busy at once, each with a 64 KiB response in flight.
+    for conn in &mut conns {
+        conn.send("GET /download?bytes=65536 HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await;
+    }
+    for conn in &mut conns {
+        let head = conn.read_head().await;
+        conn.read_body(&head).await;
+    }
+    drop(conns);
+    let line = shim
+        .wait_for("the give-back line", |l| {
+            msg(l).starts_with("gave back the memory")
+        })
+        .await;
+    assert!(line["connections"].as_u64().unwrap() >= 64, "{line}");
+    let (rss, peak) = (shim.rss(), shim.peak_rss());
+    assert!(
+        rss + (1 << 20) <= peak,
+        "RSS {rss} after the give-back, {peak} at the peak: less than 1 MiB given back"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_closes_its_connections_does_not_fail_the_next_request() {
     let up = RawUpstream::bind().await;
