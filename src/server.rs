@@ -345,7 +345,7 @@ impl Drop for Closed {
 ///
 /// glibc keeps the heap's freed pages in the process unless asked. After 64 connections at once
 /// (nova's, or `wrk -c64`), their buffers stayed resident, interleaved with the requests the
-/// inspector keeps, and a 1 GiB transfer after the burst peaked at 14.4 MiB instead of 11.3
+/// inspector keeps, and a 1 GiB transfer after the burst peaked at 14.4 MiB instead of 11.6 to 11.9
 /// (bench/README.md). The libraries close what they no longer need (hyper-util its idle upstream
 /// connections, within 10 s); none hands the freed pages back. `malloc_trim` takes about a
 /// millisecond of the serving thread, when no client is connected to wait for it. Shown by
