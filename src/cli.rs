@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{
-    AddrError, Config, ConfigError, HostPort, Inspect, LogFormat, Scheme, TlsFiles, Upstream,
-    parse_duration, parse_nonzero_duration,
+    AddrError, Config, ConfigError, Front, HostPort, Inspect, Listen, LogFormat, Scheme, TlsFiles,
+    Upstream, parse_duration, parse_nonzero_duration,
 };
 use crate::uwsgi;
 
@@ -24,6 +24,13 @@ Examples:
   glance-shim --listen 60999 --upstream 9292
   # The same, with the port read from /etc/glance/glance-uwsgi.ini and the upstream 9292:
   glance-shim --takeover
+
+  # Take the place of keystone's uWSGI on the unix socket Apache's mod_proxy_uwsgi forwards
+  # /identity to (read from /etc/keystone/keystone-uwsgi-public.ini), speaking uwsgi there, with
+  # the debug keystone (gunicorn) on 127.0.0.1:5000; the same for nova, placement, cinder, neutron:
+  glance-shim --takeover keystone
+  # The same, spelled out:
+  glance-shim --listen /var/run/uwsgi/keystone-api.socket --uwsgi --upstream 5000
 
 Every flag can also be set through the environment variable named in its description.
 Log filtering follows RUST_LOG (default: info), e.g. RUST_LOG=glance_shim=debug.";
@@ -39,19 +46,28 @@ pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Where to accept connections: PORT (127.0.0.1:PORT), HOST:PORT or [IPv6]:PORT.
-    #[arg(long, env = "GLANCE_SHIM_LISTEN", value_name = "ADDR", value_parser = parse_listen,
+    /// Where to accept connections: PORT (127.0.0.1:PORT), HOST:PORT, [IPv6]:PORT, or the path of
+    /// a unix socket (/var/run/uwsgi/NAME.socket).
+    #[arg(long, env = "GLANCE_SHIM_LISTEN", value_name = "ADDR", value_parser = Listen::parse,
           required_unless_present = "takeover", conflicts_with = "takeover")]
-    pub listen: Option<HostPort>,
+    pub listen: Option<Listen>,
 
-    /// Listen where DevStack's uWSGI for glance-api does: the http-socket address in this INI file
-    /// (default /etc/glance/glance-uwsgi.ini). --upstream then defaults to 9292.
-    #[arg(long, env = "GLANCE_SHIM_TAKEOVER", value_name = "UWSGI_INI", num_args = 0..=1,
+    /// Speak the uwsgi protocol on --listen, as uWSGI's `socket =` does for Apache's
+    /// mod_proxy_uwsgi, and forward each request to the upstream as HTTP.
+    #[arg(long, env = "GLANCE_SHIM_UWSGI", conflicts_with = "takeover")]
+    pub uwsgi: bool,
+
+    /// Listen where DevStack's uWSGI for a service does, speaking what it spoke: the socket or
+    /// http-socket of this INI file, or of the service named (glance, keystone, nova, placement,
+    /// cinder, neutron). Default: glance's /etc/glance/glance-uwsgi.ini. --upstream then defaults to
+    /// the service's own port (glance 9292, keystone 5000, nova 8774, placement 8778, cinder 8776,
+    /// neutron 9696).
+    #[arg(long, env = "GLANCE_SHIM_TAKEOVER", value_name = "SERVICE|UWSGI_INI", num_args = 0..=1,
           default_missing_value = uwsgi::DEVSTACK_INI)]
     pub takeover: Option<PathBuf>,
 
-    /// The glance-api to forward to: PORT, HOST:PORT, [IPv6]:PORT, http://HOST:PORT or
-    /// https://HOST:PORT.
+    /// The server to forward to (the debug glance-api): PORT, HOST:PORT, [IPv6]:PORT,
+    /// http://HOST:PORT or https://HOST:PORT.
     #[arg(long, env = "GLANCE_SHIM_UPSTREAM", value_name = "ADDR", value_parser = Upstream::parse,
           required_unless_present = "takeover")]
     pub upstream: Option<Upstream>,
@@ -290,24 +306,30 @@ fn parse_size(s: &str) -> Result<usize, String> {
     usize::try_from(size.as_u64()).map_err(|_| format!("'{s}' is too large"))
 }
 
-fn parse_listen(s: &str) -> Result<HostPort, AddrError> {
-    HostPort::parse(s, true)
-}
-
 impl Args {
     /// Validates what single flags cannot and builds the configuration.
     pub fn into_config(self) -> Result<Config, UsageError> {
-        let listen = match (self.listen, &self.takeover) {
-            (Some(listen), _) => listen,
-            (None, Some(ini)) => uwsgi::http_address(ini).map_err(UsageError::Takeover)?,
+        let takeover = self.takeover.as_deref().map(uwsgi::ini_for);
+        let (listen, front) = match (self.listen, &takeover) {
+            (Some(listen), _) if self.uwsgi => (listen, Front::Uwsgi),
+            (Some(listen), _) => (listen, Front::Http),
+            (None, Some(ini)) => {
+                let a = uwsgi::address(ini).map_err(UsageError::Takeover)?;
+                (a.listen, a.front)
+            }
             (None, None) => return Err(ConfigError::NoListen.into()),
         };
-        // glance-api's own default bind_port: where a debug glance listens unless told otherwise.
+        // The service's own default port (glance-api's bind_port 9292): where its debug server
+        // listens unless told otherwise.
+        let port = takeover
+            .as_deref()
+            .and_then(uwsgi::service)
+            .map_or(9292, |s| s.port);
         let upstream = self.upstream.unwrap_or_else(|| Upstream {
             scheme: Scheme::Http,
             addr: HostPort {
                 host: crate::config::Host::Ip(std::net::Ipv4Addr::LOCALHOST.into()),
-                port: 9292,
+                port,
             },
         });
         if upstream.scheme == Scheme::Http && (self.upstream_ca.is_some() || self.upstream_insecure)
@@ -320,6 +342,7 @@ impl Args {
         };
         let config = Config {
             listen,
+            front,
             upstream,
             stall_after: Some(self.stall_after).filter(|d| !d.is_zero()),
             upstream_timeout: self.upstream_timeout,
@@ -339,7 +362,7 @@ impl Args {
             tls,
             upstream_ca: self.upstream_ca,
             upstream_insecure: self.upstream_insecure,
-            takeover: self.takeover,
+            takeover,
             inspect: match self.inspect {
                 Some(InspectAt::Off) => None,
                 Some(InspectAt::At(addr)) => Some(Inspect::new(addr, true)),
@@ -547,7 +570,7 @@ mod tests {
     #[test]
     fn the_takeover_topology() {
         let c = config(&["--listen", "60999", "--upstream", "http://127.0.0.1:9292"]);
-        assert_eq!(c.listen.port, 60999);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:60999");
         assert_eq!(c.upstream.addr.port, 9292);
     }
 
@@ -687,15 +710,60 @@ mod tests {
         );
         let no_socket = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/glance-uwsgi-no-http-socket.ini"
+            "/tests/data/uwsgi-no-socket.ini"
         );
         let line = usage(&["--takeover", no_socket]);
-        assert!(line.contains("no http-socket"), "{line}");
+        assert!(line.contains("no socket, http-socket"), "{line}");
         // The DevStack path is the default; on this machine it usually does not exist.
         if !std::path::Path::new(uwsgi::DEVSTACK_INI).exists() {
             let line = usage(&["--takeover"]);
             assert!(line.contains(uwsgi::DEVSTACK_INI), "{line}");
         }
+    }
+
+    #[test]
+    fn the_uwsgi_front_by_flag_or_by_takeover() {
+        let c = config(&["--listen", "/tmp/k.sock", "--uwsgi", "--upstream", "5000"]);
+        assert_eq!(c.listen, Listen::Unix("/tmp/k.sock".into()));
+        assert_eq!(c.front, Front::Uwsgi);
+        let c = config(&["--listen", "3031", "--uwsgi", "--upstream", "5000"]);
+        assert_eq!(
+            (c.listen.to_string(), c.front),
+            ("127.0.0.1:3031".into(), Front::Uwsgi)
+        );
+        let c = config(&["--listen", "/tmp/g.sock", "--upstream", "9292"]);
+        assert_eq!(c.front, Front::Http, "a unix socket may speak HTTP too");
+
+        let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+        let c = config(&["--takeover", &format!("{data}/keystone-uwsgi-public.ini")]);
+        assert_eq!(
+            c.listen,
+            Listen::Unix("/var/run/uwsgi/keystone-api.socket".into())
+        );
+        assert_eq!(c.front, Front::Uwsgi);
+        assert_eq!(
+            c.upstream.to_string(),
+            "http://127.0.0.1:5000",
+            "keystone's own port"
+        );
+        let c = config(&[
+            "--takeover",
+            &format!("{data}/glance-uwsgi-unix-socket.ini"),
+        ]);
+        assert_eq!(c.front, Front::Uwsgi);
+        assert_eq!(c.upstream.addr.port, 9292);
+
+        // A service's name reads its file under /etc, which this machine does not have.
+        let line = usage(&["--takeover", "placement"]);
+        assert!(
+            line.contains("/etc/placement/placement-uwsgi.ini"),
+            "{line}"
+        );
+        let line = usage(&["--takeover", "nova", "--uwsgi"]);
+        assert!(
+            line.contains("--uwsgi") && line.contains("--takeover"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -58,6 +58,43 @@ pub enum DurationError {
     Zero,
 }
 
+/// Where clients connect: a TCP address, or the path of a unix socket (as uWSGI's `socket =
+/// /var/run/uwsgi/NAME.socket`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(HostPort),
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// A path when it starts with `/`, else what [`HostPort::parse`] takes (port 0 allowed).
+    pub fn parse(s: &str) -> Result<Listen, AddrError> {
+        match s.trim() {
+            path if path.starts_with('/') => Ok(Listen::Unix(PathBuf::from(path))),
+            addr => HostPort::parse(addr, true).map(Listen::Tcp),
+        }
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(addr) => addr.fmt(f),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The protocol clients speak to the shim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Front {
+    /// HTTP/1.1 (and 1.0), as glance's uWSGI `http-socket` serves it.
+    Http,
+    /// The uwsgi protocol, as uWSGI's `socket =` serves Apache's mod_proxy_uwsgi: each request is
+    /// forwarded to the upstream as HTTP.
+    Uwsgi,
+}
+
 /// A host as the user wrote it: an IP literal, or a name resolved when it is used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Host {
@@ -336,7 +373,9 @@ pub struct TlsFiles {
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Where clients connect.
-    pub listen: HostPort,
+    pub listen: Listen,
+    /// What they speak there.
+    pub front: Front,
     /// Where every request goes.
     pub upstream: Upstream,
     /// Waiting this long on the upstream with nothing moving earns a notice; `None` disables notices.
@@ -423,7 +462,8 @@ impl Config {
     /// A configuration with the defaults the CLI uses, for tests and embedding.
     pub fn new(listen: HostPort, upstream: Upstream) -> Config {
         Config {
-            listen,
+            listen: Listen::Tcp(listen),
+            front: Front::Http,
             upstream,
             stall_after: Some(Duration::from_secs(5)),
             upstream_timeout: None,
@@ -444,10 +484,14 @@ impl Config {
 
     /// Refuses combinations no single flag can see: listening where we forward is a loop.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.listen.port == 0 || self.listen.port != self.upstream.addr.port {
+        let Listen::Tcp(listen) = &self.listen else {
+            return Ok(());
+        };
+        if listen.port == 0 || listen.port != self.upstream.addr.port {
             return Ok(());
         }
-        let listen = self.listen.resolve().unwrap_or_default();
+        let addr = listen;
+        let listen = addr.resolve().unwrap_or_default();
         let upstream = self.upstream.addr.resolve().unwrap_or_default();
         let loops = listen.iter().any(|l| {
             upstream.iter().any(|u| {
@@ -458,7 +502,7 @@ impl Config {
         });
         if loops {
             return Err(ConfigError::Loop {
-                listen: self.listen.clone(),
+                listen: addr.clone(),
                 upstream: self.upstream.addr.clone(),
             });
         }

@@ -5,12 +5,13 @@
 //!
 //! `proxy` classifies failures into a [`ProxyError`]; nothing here does I/O.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::config::HostPort;
+use crate::config::{HostPort, Listen};
 use crate::exchange::Outcome;
 use crate::upstream::ConnectError;
 
@@ -26,10 +27,20 @@ pub enum StartError {
     /// The listening address cannot be bound.
     #[error("cannot listen on {addr}{hint}")]
     Bind {
-        addr: HostPort,
+        addr: Listen,
         hint: &'static str,
         #[source]
         error: std::io::Error,
+    },
+    /// A unix socket a server still accepts on: taking it would cut that server off.
+    #[error(
+        "cannot listen on {}: a server accepts connections there; stop it first{}",
+        path.display(),
+        unit.map(|u| format!(" (sudo systemctl stop {u})")).unwrap_or_default()
+    )]
+    SocketInUse {
+        path: PathBuf,
+        unit: Option<&'static str>,
     },
     #[error(
         "cannot serve the inspector on {addr} (--inspect): {error}{}",
@@ -61,16 +72,24 @@ impl StartError {
             StartError::Tls(_)
             | StartError::LogFile(_)
             | StartError::Inspect { .. }
-            | StartError::Capture(_) => 2,
+            | StartError::Capture(_)
+            | StartError::SocketInUse { .. } => 2,
             StartError::Bind { .. } | StartError::Runtime(_) => 1,
         }
     }
 
-    pub fn bind(addr: &HostPort, error: std::io::Error) -> StartError {
-        let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
-            " (something already listens there: devstack@g-api's uWSGI, or another glance-shim?)"
-        } else {
-            ""
+    pub fn bind(addr: &Listen, error: std::io::Error) -> StartError {
+        let hint = match (addr, error.kind()) {
+            (Listen::Tcp(_), std::io::ErrorKind::AddrInUse) => {
+                " (something already listens there: devstack@g-api's uWSGI, or another glance-shim?)"
+            }
+            (Listen::Unix(_), std::io::ErrorKind::NotFound) => {
+                " (its directory does not exist; DevStack makes /var/run/uwsgi)"
+            }
+            (Listen::Unix(_), std::io::ErrorKind::PermissionDenied) => {
+                " (run glance-shim as the user DevStack runs uWSGI as, or with sudo)"
+            }
+            _ => "",
         };
         StartError::Bind {
             addr: addr.clone(),

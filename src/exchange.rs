@@ -47,6 +47,16 @@ impl Client {
             ip,
         })
     }
+
+    /// A client on a unix socket, which has no address: shown as `unix`, forwarded as
+    /// `X-Forwarded-For: unix` (nginx's `$remote_addr` for one is `unix:`).
+    pub fn unix() -> Arc<Client> {
+        Arc::new(Client {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            text: "unix".into(),
+            ip: HeaderValue::from_static("unix"),
+        })
+    }
 }
 
 /// Where a request is in its life.

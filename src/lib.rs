@@ -6,7 +6,8 @@
 //! Each layer uses only the layers below it (`tests/layers.rs` fails on any import circle).
 //! 1. The leaves: [`config`] (addresses, durations, the validated configuration), [`correlation`]
 //!    (request ids), [`headers`] (hop-by-hop fields, forwarding fields, `Host`), [`mask`] (every rule
-//!    about secrets), [`tls`] (PEM files to rustls), [`uwsgi`] (DevStack's uWSGI files),
+//!    about secrets), [`tls`] (PEM files to rustls), [`uwsgi`] (DevStack's uWSGI services and files),
+//!    [`packet`] (the uwsgi protocol's request packet),
 //!    [`keepalive`] (a client connection's clocks), [`logging`] (the log's format and writers),
 //!    [`cli`] (flags to a configuration).
 //! 2. The record: [`copies`] (bounded copies of heads and body prefixes), [`exchange`] (one
@@ -18,7 +19,8 @@
 //! 5. The path: [`upstream`] (the connector and hyper-util's pool), [`error`] (the shim's own
 //!    answers, and what stops it starting), [`body`] (streaming, `Expect: 100-continue`), [`proxy`]
 //!    (one request in phases).
-//! 6. The edges: [`server`] (accept, TLS, serve, drain), [`inspect`] (the page, its JSON API, HAR
+//! 6. The edges: [`listener`] (TCP and unix sockets), [`front`] (the uwsgi front), [`server`]
+//!    (accept, TLS, serve, drain), [`inspect`] (the page, its JSON API, HAR
 //!    and replay; nothing below knows it), [`signals`], and `main` (flags to a running shim).
 
 pub mod body;
@@ -30,12 +32,15 @@ pub mod correlation;
 pub mod error;
 pub mod events;
 pub mod exchange;
+pub mod front;
 pub mod headers;
 pub mod inflight;
 pub mod inspect;
 pub mod keepalive;
+pub mod listener;
 pub mod logging;
 pub mod mask;
+pub mod packet;
 pub mod proxy;
 pub mod server;
 pub mod signals;

@@ -14,11 +14,13 @@
 //! What each line says is decided where it is logged (`exchange` for a request's lines, `server`,
 //! `upstream`).
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::field::MakeExt;
@@ -118,4 +120,35 @@ fn stderr_is_a_file() -> bool {
         .map(File::from)
         .and_then(|f| f.metadata())
         .is_ok_and(|m| m.is_file())
+}
+
+/// A warning that is logged at once, then at most every ten seconds with a count of the ones it
+/// held back, so a flood cannot fill the log.
+#[derive(Debug, Default)]
+pub struct RateLimited {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimited {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub fn warn(&self, peer: impl fmt::Display, what: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if state
+            .0
+            .is_some_and(|last| now.duration_since(last) < Self::EVERY)
+        {
+            state.1 += 1;
+            return;
+        }
+        let held_back = std::mem::take(&mut state.1);
+        state.0 = Some(now);
+        drop(state);
+        if held_back > 0 {
+            tracing::warn!(client = %peer, held_back, "{what} ({held_back} more like it in the last 10 s not logged)");
+        } else {
+            tracing::warn!(client = %peer, "{what}");
+        }
+    }
 }

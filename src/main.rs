@@ -8,6 +8,7 @@ use std::time::Duration;
 use glance_shim::cli::{self, Parsed};
 use glance_shim::config::Config;
 use glance_shim::error::StartError;
+use glance_shim::listener::Listener;
 use glance_shim::{inspect, logging, server, signals};
 
 fn main() -> ExitCode {
@@ -66,10 +67,7 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
         // start the drain. Registered after, one sent in between was lost when the shell had
         // started the shim in the background with SIGINT ignored, and the shim never stopped.
         let signals = signals::shutdown_signals();
-        let listener = config
-            .listen
-            .bind(1024)
-            .map_err(|error| StartError::bind(&config.listen, error))?;
+        let listener = Listener::bind(&config)?;
         let inspector = match &config.inspect {
             Some(inspect) => inspect::bind(inspect)?,
             None => None,
@@ -81,9 +79,7 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
         let mut url = None;
         let config = server.config();
         if let (Some(listener), Some(inspect)) = (inspector, &config.inspect) {
-            let listen = server
-                .local_addr()
-                .map_err(|error| StartError::bind(&config.listen, error))?;
+            let listen = server.local();
             let started = inspect::start(listener, &config, inspect, listen, server.proxy());
             let (address, key_file) = started.map_err(|error| StartError::Inspect {
                 addr: inspect.addr.clone(),

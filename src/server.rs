@@ -10,8 +10,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,23 +21,26 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::capture::Capture;
-use crate::config::{Config, Scheme};
+use crate::config::{Config, Front, Scheme};
 use crate::error::StartError;
 use crate::exchange::Client;
+use crate::front::Packets;
 use crate::inflight::{self, Kept, Registry, Rules};
 use crate::keepalive::{Clock, Expired};
+use crate::listener::{Conn, Listener};
+use crate::logging::RateLimited;
 use crate::proxy::Proxy;
 use crate::tls::Stream;
 use crate::upstream::{Connector, Health};
 
 /// A bound, not yet running, shim.
 pub struct Server {
-    listener: TcpListener,
+    listener: Listener,
     proxy: Arc<Proxy>,
     config: Arc<Config>,
     /// Set when clients must speak TLS (`--tls-cert`/`--tls-key`).
@@ -45,6 +48,9 @@ pub struct Server {
     /// Connections closed, the client's and the upstream's, counted for [`give_back_memory`].
     closed: Arc<AtomicUsize>,
 }
+
+/// How a unix socket's client is named in warnings.
+const UNIX: &str = "unix socket";
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,11 +62,7 @@ impl Server {
     /// Builds the shim around an already bound listener; `inspected` when the inspector will show
     /// its requests. Fails, with a line naming the flag and file, when a TLS file or the capture
     /// directory cannot be used.
-    pub fn new(
-        listener: TcpListener,
-        config: Config,
-        inspected: bool,
-    ) -> Result<Server, StartError> {
+    pub fn new(listener: Listener, config: Config, inspected: bool) -> Result<Server, StartError> {
         let tls = match &config.tls {
             Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(
                 &files.cert,
@@ -143,8 +145,10 @@ impl Server {
         self.config.clone()
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+    /// Where clients connect, for the log and the inspector: `127.0.0.1:9292`, or
+    /// `unix:/var/run/uwsgi/keystone-api.socket`.
+    pub fn local(&self) -> String {
+        self.listener.local()
     }
 
     /// The in-flight registry, for the SIGUSR1 table.
@@ -162,12 +166,10 @@ impl Server {
             tls,
             closed,
         } = self;
-        let local = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let local = listener.local();
         info!(
             listen = %local,
+            uwsgi = config.front == Front::Uwsgi,
             upstream = %config.upstream,
             tls = tls.is_some(),
             takeover = config.takeover.as_ref().map(|p| display(p.display())),
@@ -181,7 +183,7 @@ impl Server {
                 config.upstream.addr
             );
         }
-        if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        if listener.is_exposed() {
             warn!(
                 listen = %local,
                 "listening on a non-loopback address: anyone who can reach {local} reaches glance-api \
@@ -208,6 +210,17 @@ impl Server {
             .max_headers(limits.max_headers)
             // Its header-read timer also runs on idle connections; `keepalive` times both apart.
             .header_read_timeout(None);
+        // The uwsgi protocol carries one request per connection: the answer ends at its close.
+        let http = match config.front {
+            Front::Http => http,
+            Front::Uwsgi => {
+                let mut one = http;
+                one.keep_alive(false);
+                one
+            }
+        };
+        let packets =
+            (config.front == Front::Uwsgi).then(|| Arc::new(Packets::new(limits.header_timeout)));
         let (header_timeout, idle_timeout) = (limits.header_timeout, limits.idle_timeout);
         let graceful = GracefulShutdown::new();
         let handshake_failures = Arc::new(RateLimited::default());
@@ -227,10 +240,10 @@ impl Server {
                 accepted = listener.accept() => accepted,
                 () = &mut shutdown => break,
             };
-            let (stream, peer) = match accepted {
-                Ok(pair) => {
+            let conn = match accepted {
+                Ok(conn) => {
                     backoff = Duration::from_millis(5);
-                    pair
+                    conn
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait and try again, never give up serving.
@@ -240,35 +253,59 @@ impl Server {
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 // Past --max-connections: say so and close; the connections already open carry on.
-                over_limit.warn(
-                    peer,
-                    &format!(
-                        "--max-connections ({}) reached: refusing a connection",
-                        limits.max_connections
-                    ),
+                let why = format!(
+                    "--max-connections ({}) reached: refusing a connection",
+                    limits.max_connections
                 );
-                tokio::spawn(refuse(stream));
+                match conn {
+                    Conn::Tcp(stream, peer) => {
+                        over_limit.warn(peer, &why);
+                        tokio::spawn(refuse(stream));
+                    }
+                    Conn::Unix(stream) => {
+                        over_limit.warn(UNIX, &why);
+                        tokio::spawn(refuse(stream));
+                    }
+                }
                 continue;
             };
             let proxy = proxy.clone();
-            let client = Client::new(peer);
             let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
             let (handshake_failures, slow_heads) = (handshake_failures.clone(), slow_heads.clone());
+            let packets = packets.clone();
             let closed = Closed(closed.clone());
             tokio::spawn(async move {
                 let _slot = slot; // held for the life of the connection
                 let _closed = closed; // counts the connection closed when it is
-                let io: Stream = match tls {
-                    None => Box::new(stream),
-                    Some(acceptor) => {
-                        match accept_tls(acceptor, stream, peer, &handshake_failures).await {
-                            Some(tls) => Box::new(tls),
-                            None => return,
-                        }
+                let (io, mut client): (Stream, _) = match conn {
+                    Conn::Tcp(stream, peer) => {
+                        let _ = stream.set_nodelay(true);
+                        let io: Stream = match tls {
+                            None => Box::new(stream),
+                            Some(acceptor) => {
+                                match accept_tls(acceptor, stream, peer, &handshake_failures).await
+                                {
+                                    Some(tls) => Box::new(tls),
+                                    None => return,
+                                }
+                            }
+                        };
+                        (io, Client::new(peer))
                     }
+                    Conn::Unix(stream) => (Box::new(stream), Client::unix()),
+                };
+                let peer = client.text.clone();
+                let io = match &packets {
+                    None => io,
+                    Some(packets) => match packets.read(io, &client).await {
+                        Some((io, request_client)) => {
+                            client = request_client;
+                            io
+                        }
+                        None => return,
+                    },
                 };
                 let clock = Clock::new();
                 let service = {
@@ -293,7 +330,7 @@ impl Server {
                         debug!(client = %peer, error = %crate::error::chain(&e), "connection ended with an error");
                     },
                     expired = clock.expired(header_timeout, idle_timeout) => match expired {
-                        Expired::Head => slow_heads.warn(peer, &format!("closed a connection: {expired} ({} s)", header_timeout.as_secs_f64())),
+                        Expired::Head => slow_heads.warn(&peer, &format!("closed a connection: {expired} ({} s)", header_timeout.as_secs_f64())),
                         Expired::Idle => debug!(client = %peer, "closed a connection: {expired}"),
                     },
                 }
@@ -379,7 +416,7 @@ async fn give_back_memory(
 }
 
 /// Answers a connection over `--max-connections` with a 503 and closes it, without reading it.
-async fn refuse(stream: TcpStream) {
+async fn refuse(stream: impl AsyncWrite + Unpin) {
     let answer = answer_raw(
         stream,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -391,7 +428,12 @@ async fn refuse(stream: TcpStream) {
 
 /// Answers a connection hyper is not serving with a JSON error, and closes it. `extra` is further
 /// header lines, each ending in CRLF.
-async fn answer_raw(mut stream: TcpStream, status: StatusCode, extra: &str, message: &str) {
+async fn answer_raw(
+    mut stream: impl AsyncWrite + Unpin,
+    status: StatusCode,
+    extra: &str,
+    message: &str,
+) {
     let title = status.canonical_reason().unwrap_or("Error");
     let body = serde_json::json!({"message": message, "code": status.as_u16(), "title": title})
         .to_string();
@@ -488,37 +530,6 @@ async fn accept_tls(
         Err(_) => {
             failures.warn(peer, "TLS handshake not completed within 10 s");
             None
-        }
-    }
-}
-
-/// A warning that is logged at once, then at most every ten seconds with a count of the ones it
-/// held back, so a flood cannot fill the log.
-#[derive(Debug, Default)]
-pub struct RateLimited {
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl RateLimited {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    pub fn warn(&self, peer: SocketAddr, what: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if state
-            .0
-            .is_some_and(|last| now.duration_since(last) < Self::EVERY)
-        {
-            state.1 += 1;
-            return;
-        }
-        let held_back = std::mem::take(&mut state.1);
-        state.0 = Some(now);
-        drop(state);
-        if held_back > 0 {
-            warn!(client = %peer, held_back, "{what} ({held_back} more like it in the last 10 s not logged)");
-        } else {
-            warn!(client = %peer, "{what}");
         }
     }
 }

@@ -1367,7 +1367,8 @@ fn the_flags_table_and_help_agree_row_for_row() {
                 .collect();
             format!(" {}", names.join("\\|"))
         } else {
-            let name = arg.get_value_names().unwrap()[0].to_string();
+            // A `|` in a value's name is escaped in a Markdown table.
+            let name = arg.get_value_names().unwrap()[0].replace('|', "\\|");
             if arg.get_num_args().is_some_and(|n| n.min_values() == 0) {
                 format!(" [{name}]")
             } else {

@@ -86,7 +86,7 @@ pub fn start(
     listener: TcpListener,
     config: &Config,
     inspect: &Inspect,
-    listen: SocketAddr,
+    listen: String,
     proxy: Arc<crate::proxy::Proxy>,
 ) -> std::io::Result<(String, Option<key::KeyFile>)> {
     let addr = listener.local_addr()?;
@@ -152,7 +152,7 @@ impl Inspector {
     pub fn new(
         config: &Config,
         inspect: &Inspect,
-        listen: SocketAddr,
+        listen: String,
         proxy: Arc<crate::proxy::Proxy>,
         key: String,
     ) -> Inspector {
@@ -161,7 +161,7 @@ impl Inspector {
             proxy,
             key,
             shim: ShimInfo {
-                listen: listen.to_string(),
+                listen,
                 upstream: config.upstream.to_string(),
                 stall_after_ms: config.stall_after.map(crate::exchange::millis),
                 keep: inspect.keep,

@@ -325,6 +325,8 @@ class Apache:
         self.pidfile = os.path.join(self.dir, "run", "apache2.pid")
         self.error_log = os.path.join(self.dir, "log", "error.log")
         self.port = None
+        # Debian's apache2.conf; ProxyTimeout inherits it.
+        self.timeout = 300
 
     def start(self, port, backend, site=None):
         """site: the directives inside the VirtualHost; by default DevStack's glance site."""
@@ -346,7 +348,8 @@ LoadModule env_module {mods}/mod_env.so
 LoadModule headers_module {mods}/mod_headers.so
 LoadModule proxy_module {mods}/mod_proxy.so
 LoadModule proxy_http_module {mods}/mod_proxy_http.so
-Timeout 300
+LoadModule proxy_uwsgi_module {mods}/mod_proxy_uwsgi.so
+Timeout {self.timeout}
 ErrorLog "{self.error_log}"
 LogLevel warn
 LogFormat "%h %t \\"%r\\" %>s %b %Dus out_req_id=\\"%{{x-openstack-request-id}}o\\"" glance
@@ -406,16 +409,21 @@ class Shim:
         self.port = None
 
     def start(self, port, upstream, *flags):
+        """port: a TCP port, or the path of a unix socket (with "--uwsgi" in flags, the uwsgi front)."""
         self.port = port
         out = open(self.out, "ab")
         # Every shim's inspector on a port of its own: several run at once.
         inspect = [] if "--inspect" in flags else ["--inspect", "127.0.0.1:0"]
+        listen = port if isinstance(port, str) else f"127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [SHIM, "--listen", f"127.0.0.1:{port}", "--upstream", str(upstream), "--log-format", "json",
+            [SHIM, "--listen", listen, "--upstream", str(upstream), "--log-format", "json",
              "--log-file", self.log, *inspect, *flags],
             env=CLEAN_ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         out.close()
-        wait_until(f"glance-shim on {port}", lambda: port_open(port), 10, self.proc, self.out)
+        if isinstance(port, str):
+            self.wait_for("the listening line", lambda l: l.get("message") == "listening")
+        else:
+            wait_until(f"glance-shim on {port}", lambda: port_open(port), 10, self.proc, self.out)
         return self
 
     def stop(self):

@@ -17,7 +17,9 @@ python=${PYTHON:-python3}
 log() { echo "[e2e install] $*" >&2; }
 
 need=()
-[ -x /usr/sbin/apache2 ] && [ -f /usr/lib/apache2/modules/mod_proxy_http.so ] || need+=(apache2)
+# Debian's apache2 ships mod_proxy_uwsgi too (the uwsgi front's scenario).
+[ -x /usr/sbin/apache2 ] && [ -f /usr/lib/apache2/modules/mod_proxy_http.so ] \
+    && [ -f /usr/lib/apache2/modules/mod_proxy_uwsgi.so ] || need+=(apache2)
 command -v curl >/dev/null || need+=(curl)
 if ((${#need[@]})); then
     log "apt-get install ${need[*]}"

@@ -1,0 +1,174 @@
+//! The uwsgi front (`--uwsgi`, or `--takeover` of a uWSGI `socket =`): each connection's packet is
+//! read, checked, and turned into the HTTP/1.0 request head it describes (`packet`), which hyper then
+//! reads ahead of the body, as if the client had sent it. Everything after that is the HTTP front's.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf as _, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tracing::{debug, info};
+
+use crate::exchange::Client;
+use crate::logging::RateLimited;
+use crate::packet::{self, PacketError};
+use crate::tls::Stream;
+
+/// What reads packets for every connection of the uwsgi front.
+pub struct Packets {
+    /// How long a packet's variables may take to arrive (`--header-timeout`).
+    timeout: Duration,
+    malformed: RateLimited,
+    /// The last `SCRIPT_NAME` a request came with, to tell the developer once where Apache mounts
+    /// the service.
+    script_name: Mutex<Option<String>>,
+}
+
+/// Why a connection's packet was not served.
+#[derive(Debug, thiserror::Error)]
+enum Unread {
+    #[error("{0}")]
+    Malformed(#[from] PacketError),
+    #[error("the connection ended inside the packet's variables")]
+    Cut,
+    #[error("the packet's variables did not arrive within {0:?}")]
+    Slow(Duration),
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+impl Packets {
+    pub fn new(timeout: Duration) -> Packets {
+        Packets {
+            timeout,
+            malformed: RateLimited::default(),
+            script_name: Mutex::new(None),
+        }
+    }
+
+    /// Reads the packet that starts `io`. Returns the connection as hyper is to read it (the
+    /// request's HTTP head, then the body), and the client Apache served (`REMOTE_ADDR`), or the
+    /// connection's own when the packet names none. A malformed packet is logged, and the
+    /// connection closed.
+    pub async fn read(&self, mut io: Stream, conn: &Arc<Client>) -> Option<(Stream, Arc<Client>)> {
+        let read = async {
+            let mut header = [0u8; packet::HEADER_LEN];
+            match io.read(&mut header[..1]).await {
+                Ok(0) => return Ok(None), // connected and closed: a check that the socket is live
+                Ok(_) => {}
+                Err(e) => return Err(Unread::Io(e)),
+            }
+            io.read_exact(&mut header[1..]).await.map_err(cut)?;
+            let mut vars = vec![0u8; packet::vars_len(header)?];
+            io.read_exact(&mut vars).await.map_err(cut)?;
+            Ok(Some(packet::to_http(&packet::vars(&vars)?)?))
+        };
+        let request = match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(Some(request))) => request,
+            Ok(Ok(None)) => return None,
+            Ok(Err(Unread::Io(e))) => {
+                debug!(client = %conn.text, error = %e, "a uwsgi connection failed before its packet");
+                return None;
+            }
+            Ok(Err(why)) => {
+                self.malformed
+                    .warn(&conn.text, &format!("closed a uwsgi connection: {why}"));
+                return None;
+            }
+            Err(_) => {
+                let why = Unread::Slow(self.timeout);
+                self.malformed
+                    .warn(&conn.text, &format!("closed a uwsgi connection: {why}"));
+                return None;
+            }
+        };
+        self.tell_script_name(&request.script_name);
+        let client = request.remote.map_or_else(|| conn.clone(), Client::new);
+        let io: Stream = Box::new(Prefixed {
+            head: Bytes::from(request.head),
+            io,
+        });
+        Some((io, client))
+    }
+
+    /// Says where Apache mounts the service, the first time and whenever it changes: the debug
+    /// server has to know it, or its routes and links miss the prefix.
+    fn tell_script_name(&self, script_name: &str) {
+        let mut last = self.script_name.lock().unwrap_or_else(|e| e.into_inner());
+        if script_name.is_empty() || last.as_deref() == Some(script_name) {
+            return;
+        }
+        *last = Some(script_name.to_owned());
+        drop(last);
+        info!(
+            script_name,
+            "the server in front mounts this service at {script_name}: the request goes on with its \
+             full path, so the debug server needs SCRIPT_NAME={script_name} in its environment \
+             (gunicorn then strips it from PATH_INFO, as uWSGI does)"
+        );
+    }
+}
+
+fn cut(e: io::Error) -> Unread {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Unread::Cut
+    } else {
+        Unread::Io(e)
+    }
+}
+
+/// A connection whose first bytes are `head`, then whatever `io` reads; writes go to `io`.
+struct Prefixed {
+    head: Bytes,
+    io: Stream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.head.has_remaining() {
+            let n = this.head.len().min(buf.remaining());
+            buf.put_slice(&this.head[..n]);
+            this.head.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
