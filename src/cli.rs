@@ -3,7 +3,7 @@
 //! Flags are parsed here and only here; a bad value becomes one line naming the flag, which `main`
 //! prints before exiting with status 2. No sockets, no runtime.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -71,6 +71,12 @@ pub struct Args {
     #[arg(long, env = "GLANCE_SHIM_UPSTREAM", value_name = "ADDR", value_parser = Upstream::parse,
           required_unless_present = "takeover")]
     pub upstream: Option<Upstream>,
+
+    /// Apache's main configuration, read with --takeover (or when given) for how long the Apache in
+    /// front waits on a held request: the stall notices say how long remains, and the completion
+    /// line says when Apache's timeout ended a request.
+    #[arg(long, env = "GLANCE_SHIM_APACHE_CONFIG", value_name = "FILE")]
+    pub apache_config: Option<PathBuf>,
 
     /// Serve TLS with this PEM certificate chain (with --tls-key).
     #[arg(
@@ -340,9 +346,18 @@ impl Args {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,
         };
+        // Apache's clock, where Apache forwards to the address taken over (or when asked for).
+        let front_timeout = match (&self.apache_config, &takeover) {
+            (Some(conf), _) => crate::apache::front_timeout(conf, &listen),
+            (None, Some(_)) => {
+                crate::apache::front_timeout(Path::new(crate::apache::DEBIAN_CONF), &listen)
+            }
+            (None, None) => None,
+        };
         let config = Config {
             listen,
             front,
+            front_timeout,
             upstream,
             stall_after: Some(self.stall_after).filter(|d| !d.is_zero()),
             upstream_timeout: self.upstream_timeout,

@@ -401,6 +401,8 @@ pub struct Config {
     pub upstream_insecure: bool,
     /// The uWSGI INI `--listen` was read from (`--takeover`), for the log.
     pub takeover: Option<PathBuf>,
+    /// How long Apache in front waits on a held request (`--takeover`, `--apache-config`).
+    pub front_timeout: Option<FrontTimeout>,
     /// The inspector page and its API (`--inspect`); `None` with `--inspect off`.
     pub inspect: Option<Inspect>,
     /// Every request written to disk as it ends (`--capture DIR`).
@@ -418,6 +420,20 @@ pub struct Capture {
     /// Bytes of heads and bodies copied for the capture while their requests are in flight, when
     /// there is no inspector to keep them (`--inspect-memory`).
     pub memory: usize,
+}
+
+/// How long the server in front of the shim (Apache) waits on a request before it gives up and
+/// answers its client itself, read from its configuration with `--takeover`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontTimeout {
+    pub limit: Duration,
+    /// What sets it, as the developer would find it: `Timeout 300 in /etc/apache2/apache2.conf`.
+    pub directive: String,
+    /// The file with the `ProxyPass` that forwards to the shim.
+    pub site: PathBuf,
+    /// What Apache then answers its client: 502 through mod_proxy_http, 500 through
+    /// mod_proxy_uwsgi (both measured with Apache 2.4.71).
+    pub status: u16,
 }
 
 /// Where the inspector is served, and what it keeps.
@@ -477,6 +493,7 @@ impl Config {
             upstream_ca: None,
             upstream_insecure: false,
             takeover: None,
+            front_timeout: None,
             inspect: Some(Inspect::default_on()),
             capture: None,
         }

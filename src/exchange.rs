@@ -24,6 +24,7 @@ use http::{HeaderValue, Method, StatusCode};
 use tracing::field::display;
 use tracing::{info, warn};
 
+use crate::config::FrontTimeout;
 use crate::copies::Copies;
 use crate::correlation::{Assigned, IdFrom};
 
@@ -736,8 +737,9 @@ impl Exchange {
         }
     }
 
-    /// A notice that glance has kept this request waiting for `idle`.
-    pub fn log_stall(&self, idle: Duration) {
+    /// A notice that glance has kept this request waiting for `idle`, with how long Apache in
+    /// front (`front`) still waits for it.
+    pub fn log_stall(&self, idle: Duration, front: Option<&FrontTimeout>) {
         self.stall_notices.fetch_add(1, Ordering::Relaxed);
         let phase = self.phase();
         let what = match phase {
@@ -752,8 +754,30 @@ impl Exchange {
             client = %self.client.text,
             phase = %phase.as_str(),
             waited_s = secs(idle),
-            "the upstream {what} for {:.1} s: it is probably paused at a breakpoint",
-            idle.as_secs_f64()
+            apache_gives_up_in_s = front.map(|f| secs(f.limit.saturating_sub(idle))),
+            "the upstream {what} for {:.1} s: it is probably paused at a breakpoint{}",
+            idle.as_secs_f64(),
+            front.map(|f| apache_left(f, idle)).unwrap_or_default()
+        );
+    }
+
+    /// A request whose client left as Apache's timeout ran out, with no answer yet: Apache gave up
+    /// on it and answered its client itself. Says so, and what to raise, as the request's error.
+    pub fn note_front_timeout(&self, front: &FrontTimeout, now: Instant) {
+        // A second's slack: Apache's clock started when it had sent the request's last byte.
+        if self.outcome().is_some() || self.idle(now) + Duration::from_secs(1) < front.limit {
+            return;
+        }
+        self.end(
+            Outcome::ClientGone,
+            Some(format!(
+                "Apache gave up on it after {} s ({}) and answered its client {} itself; to hold a \
+                 breakpoint longer, raise it, or set ProxyTimeout (or timeout= on the ProxyPass) in {}",
+                front.limit.as_secs(),
+                front.directive,
+                front.status,
+                front.site.display()
+            )),
         );
     }
 
@@ -854,6 +878,22 @@ pub(crate) fn for_test(serial: u64, method: Method, target: &str) -> Exchange {
         Client::new("127.0.0.1:5000".parse().unwrap()),
         Copies::default(),
     )
+}
+
+/// What a stall notice adds about Apache's clock.
+fn apache_left(front: &FrontTimeout, idle: Duration) -> String {
+    match front.limit.checked_sub(idle) {
+        Some(left) if !left.is_zero() => format!(
+            "; Apache gives up on it in {:.0} s ({}), and answers its client {}",
+            left.as_secs_f64().ceil(),
+            front.directive,
+            front.status
+        ),
+        _ => format!(
+            "; Apache's timeout has run out ({}): it has answered its client {}",
+            front.directive, front.status
+        ),
+    }
 }
 
 /// Milliseconds with a tenth, as a log field.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use crate::capture::{Capture, Record};
+use crate::config::FrontTimeout;
 use crate::copies::{self, Budget, Charge, Copier, Copies, Head};
 use crate::events::{Events, Kind};
 use crate::exchange::{Exchange, Outcome, Waiting};
@@ -33,6 +34,8 @@ pub struct Registry {
     events: Events,
     /// With `--capture`: where each finished request is handed.
     capture: Option<Capture>,
+    /// How long Apache in front waits on a request, when known (`--takeover`).
+    front_timeout: Option<FrontTimeout>,
 }
 
 /// What the registry keeps of requests, and how much it may.
@@ -88,6 +91,15 @@ impl Registry {
             kept,
             capture,
             ..Registry::default()
+        }
+    }
+
+    /// The same, knowing how long Apache in front waits on a request: stall notices say how long
+    /// remains, and a request whose client left as the time ran out says Apache's timeout ended it.
+    pub fn with_front_timeout(self, front_timeout: Option<FrontTimeout>) -> Registry {
+        Registry {
+            front_timeout,
+            ..self
         }
     }
 
@@ -265,7 +277,7 @@ impl Registry {
             } else if let Some(after) = rules.stall_after
                 && idle >= notice_threshold(after, exchange.stall_notices())
             {
-                exchange.log_stall(idle);
+                exchange.log_stall(idle, self.front_timeout.as_ref());
             }
         }
     }
@@ -323,6 +335,9 @@ impl Drop for ExchangeGuard {
     /// by a task of its own: hyper drops a response body before it writes the response's last bytes
     /// to the client, so done here, it would hold the response back by a log write.
     fn drop(&mut self) {
+        if let Some(front) = &self.registry.front_timeout {
+            self.exchange.note_front_timeout(front, Instant::now());
+        }
         self.exchange.settle();
         let finish = Finish {
             exchange: self.exchange.clone(),

@@ -7,7 +7,7 @@
 //! 1. The leaves: [`config`] (addresses, durations, the validated configuration), [`correlation`]
 //!    (request ids), [`headers`] (hop-by-hop fields, forwarding fields, `Host`), [`mask`] (every rule
 //!    about secrets), [`tls`] (PEM files to rustls), [`uwsgi`] (DevStack's uWSGI services and files),
-//!    [`packet`] (the uwsgi protocol's request packet),
+//!    [`packet`] (the uwsgi protocol's request packet), [`apache`] (Apache's timeouts),
 //!    [`keepalive`] (a client connection's clocks), [`logging`] (the log's format and writers),
 //!    [`cli`] (flags to a configuration).
 //! 2. The record: [`copies`] (bounded copies of heads and body prefixes), [`exchange`] (one
@@ -23,6 +23,7 @@
 //!    (accept, TLS, serve, drain), [`inspect`] (the page, its JSON API, HAR
 //!    and replay; nothing below knows it), [`signals`], and `main` (flags to a running shim).
 
+pub mod apache;
 pub mod body;
 pub mod capture;
 pub mod cli;

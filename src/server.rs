@@ -106,7 +106,8 @@ impl Server {
             }
             (None, Some(c)) => Some(Kept::new(0, c.body, c.memory)),
         };
-        let registry = Arc::new(Registry::new(kept, capture));
+        let registry =
+            Arc::new(Registry::new(kept, capture).with_front_timeout(config.front_timeout.clone()));
         if let (Some(loaded), Some(c)) = (history, &config.capture) {
             for warning in &loaded.warnings {
                 warn!(dir = %c.dir.display(), "capture file {warning}");
@@ -176,6 +177,18 @@ impl Server {
             inspector = inspector.map(display),
             "listening"
         );
+        if let Some(front) = &config.front_timeout {
+            info!(
+                apache_timeout_s = front.limit.as_secs(),
+                site = %front.site.display(),
+                "Apache ({}) gives up on a request the debug server holds for {} s ({}): a \
+                 breakpoint held longer ends in Apache's {} to its client",
+                front.site.display(),
+                front.limit.as_secs(),
+                front.directive,
+                front.status
+            );
+        }
         if config.upstream_insecure {
             warn!(
                 "--upstream-insecure: the upstream's TLS certificate is not checked; anyone who can \

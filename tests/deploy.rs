@@ -259,19 +259,30 @@ fn every_command_line_in_the_docs_parses() {
             if !in_code {
                 continue;
             }
-            let line = line.trim().trim_start_matches("$ ");
+            let line = line
+                .trim()
+                .trim_start_matches("$ ")
+                .trim_start_matches("sudo ");
             let Some(rest) = line.strip_prefix("glance-shim ") else {
                 continue;
             };
             // Up to a comment, a redirection or a pipe: what the shell hands the binary.
             let rest = rest.split(['#', '>', '|']).next().unwrap().trim();
             let mut args: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
-            // The DevStack path of --takeover does not exist here: point it at the sample file.
+            // The DevStack paths of --takeover do not exist here: point it at a sample file, of
+            // the service it names.
             if let Some(i) = args.iter().position(|a| a == "--takeover") {
+                let sample = match args.get(i + 1).map(String::as_str) {
+                    Some(value) if !value.starts_with("--") && !value.contains("glance") => {
+                        root.join("tests/data/keystone-uwsgi-public.ini")
+                    }
+                    _ => ini.clone(),
+                };
+                let sample = sample.to_str().unwrap().to_owned();
                 if args.get(i + 1).is_none_or(|a| a.starts_with("--")) {
-                    args.insert(i + 1, ini.to_str().unwrap().to_owned());
+                    args.insert(i + 1, sample);
                 } else {
-                    args[i + 1] = ini.to_str().unwrap().to_owned();
+                    args[i + 1] = sample;
                 }
             }
             seen += 1;

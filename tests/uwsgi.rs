@@ -409,3 +409,128 @@ async fn takeover_of_a_socket_line_serves_uwsgi_there() {
     let seen: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(seen["target"], "/placement/resource_providers");
 }
+
+#[tokio::test]
+async fn apaches_clock_is_in_the_stall_notice_and_names_what_ended_the_request() {
+    let up = RawUpstream::bind().await;
+    let dir = tempdir("uwsgi-apache-clock");
+    let sock = dir.join("keystone-api.socket");
+    let conf = dir.join("apache2.conf");
+    std::fs::write(&conf, "Timeout 2\nIncludeOptional sites-enabled/*.conf\n").unwrap();
+    std::fs::create_dir(dir.join("sites-enabled")).unwrap();
+    std::fs::write(
+        dir.join("sites-enabled/keystone-api.conf"),
+        format!(
+            "ProxyPass \"/identity\" \"unix:{}|uwsgi://uwsgi-uds-keystone-api\" retry=0 acquire=1\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--listen",
+        sock.to_str().unwrap(),
+        "--uwsgi",
+        "--upstream",
+        &up.port(),
+        "--apache-config",
+        conf.to_str().unwrap(),
+        "--stall-after",
+        "500ms",
+        "--log-format",
+        "json",
+        "--inspect",
+        "off",
+    ];
+    let shim = Shim::spawn(&args, &[]);
+    let line = shim
+        .wait_for("Apache's clock at start-up", |l| l["apache_timeout_s"] == 2)
+        .await;
+    assert!(msg(&line).contains("Timeout 2 in"), "{line}");
+
+    // Apache's side: the packet, then nothing until its Timeout, then it closes.
+    let mut apache = UnixStream::connect(&sock).await.unwrap();
+    apache
+        .write_all(&packet::encode(&apache_vars(
+            "GET",
+            "/identity/v3/auth/tokens",
+            &[],
+        )))
+        .await
+        .unwrap();
+    let mut held = up.accept().await; // glance... keystone, at its breakpoint
+    let _ = held.read_head().await;
+    let notice = shim
+        .wait_for("a stall notice", |l| msg(l).contains("probably paused"))
+        .await;
+    assert!(
+        msg(&notice).contains("Apache gives up on it in 2 s (Timeout 2 in"),
+        "{notice}"
+    );
+    assert!(
+        notice["apache_gives_up_in_s"].as_f64().unwrap() <= 1.5,
+        "{notice}"
+    );
+    // Apache's Timeout runs out while the upstream still holds the request: the notice at 2 s says
+    // so, and then Apache (this test) closes, as it does.
+    let late = shim
+        .wait_for("the notice at 2 s", |l| {
+            msg(l).contains("probably paused") && l["waited_s"].as_f64().unwrap_or(0.0) >= 2.0
+        })
+        .await;
+    assert!(
+        msg(&late).contains("Apache's timeout has run out (Timeout 2 in"),
+        "{late}"
+    );
+    drop(apache);
+    let done = shim.wait_for("the completion line", completion).await;
+    assert_eq!(outcome(&done), "client_gone");
+    let error = field(&done, "error");
+    assert!(
+        error.starts_with("Apache gave up on it after 2 s (Timeout 2 in ")
+            && error.contains("raise it, or set ProxyTimeout"),
+        "{done}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_early_is_not_blamed_on_apaches_clock() {
+    let up = RawUpstream::bind().await;
+    let dir = tempdir("uwsgi-apache-early");
+    let sock = dir.join("keystone-api.socket");
+    let conf = dir.join("apache2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Timeout 300\nProxyPass /identity unix:{}|uwsgi://k\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--listen",
+        sock.to_str().unwrap(),
+        "--uwsgi",
+        "--upstream",
+        &up.port(),
+        "--apache-config",
+        conf.to_str().unwrap(),
+        "--log-format",
+        "json",
+        "--inspect",
+        "off",
+    ];
+    let shim = Shim::spawn(&args, &[]);
+    shim.wait_for("Apache's clock", |l| l["apache_timeout_s"] == 300)
+        .await;
+    let mut apache = UnixStream::connect(&sock).await.unwrap();
+    apache
+        .write_all(&packet::encode(&apache_vars("GET", "/identity/v3", &[])))
+        .await
+        .unwrap();
+    let mut held = up.accept().await;
+    let _ = held.read_head().await;
+    drop(apache); // a client that gave up (Ctrl-C), long before Apache's 300 s
+    let done = shim.wait_for("the completion line", completion).await;
+    assert_eq!(outcome(&done), "client_gone");
+    assert!(!field(&done, "error").contains("Apache"), "{done}");
+}

@@ -9,6 +9,7 @@ ways, 64 MiB bodies included.
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -95,6 +96,16 @@ def without(answer, keys):
     return status, location, {**seen, "environ": environ, "added": None}
 
 
+def start_shim(state, name, ini, upstream, *flags):
+    shim = Shim(state, name)
+    shim.proc = subprocess.Popen(
+        [SHIM, "--takeover", ini, "--upstream", str(upstream), "--log-format", "json", "--log-file", shim.log,
+         "--inspect", "127.0.0.1:0", *flags],
+        env=CLEAN_ENV, stdin=subprocess.DEVNULL, stdout=open(shim.out, "ab"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    return shim
+
+
 def scenario(tmp, check):
     state = os.path.join(tmp, "uwsgi-front")
     os.makedirs(state)
@@ -159,12 +170,7 @@ chmod-socket = 666
              "--timeout", "0", "--no-control-socket", "--env", "SCRIPT_NAME=/identity", "wsgi_echo:application"],
             os.path.join(state, "gunicorn.log"), cwd=HERE))
         wait_until(f"gunicorn on {gport}", lambda: port_open(gport), 20, gunicorn.proc, gunicorn.log)
-        shim = stack.add(Shim(state, "shim-uwsgi"))
-        shim.proc = subprocess.Popen(
-            [SHIM, "--takeover", ini, "--upstream", str(gport), "--log-format", "json", "--log-file", shim.log,
-             "--inspect", "127.0.0.1:0"],
-            env=CLEAN_ENV, stdin=subprocess.DEVNULL, stdout=open(shim.out, "ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+        shim = stack.add(start_shim(state, "shim-uwsgi", ini, gport))
         listening = shim.wait_for("the listening line", lambda l: l.get("message") == "listening")
         check(listening.get("uwsgi") is True and listening.get("listen") == f"unix:{sock}",
               "uwsgi front: --takeover of keystone's ini listens on its socket, speaking uwsgi", listening)
@@ -203,5 +209,33 @@ chmod-socket = 666
         shim.stop()
         stack.things.remove(shim)
         check(not os.path.exists(sock), "uwsgi front: the socket file is removed when the shim stops")
+
+        # Apache's clock: its Timeout at 3 s, and the debug server paused at a breakpoint.
+        apache.stop()
+        apache.timeout = 3
+        apache.start(apache.port, None, site=open(apache.site).read().split("\n", 1)[1].rsplit("</VirtualHost>", 1)[0])
+        shim = stack.add(start_shim(state, "shim-clock", ini, gport, "--apache-config", apache.conf,
+                                    "--stall-after", "1s"))
+        started = shim.wait_for("Apache's clock", lambda l: l.get("apache_timeout_s") == 3)
+        check(started.get("site") == apache.site,
+              "uwsgi front: the shim reads Apache's Timeout (3 s) for the site that forwards to its socket", started)
+        os.killpg(gunicorn.proc.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            status, _, _ = curl(f"{base}/identity/environ/held")
+            waited = time.monotonic() - began
+        finally:
+            os.killpg(gunicorn.proc.pid, signal.SIGCONT)
+        check(status == 500 and 2.5 <= waited < 10,
+              f"uwsgi front: mod_proxy_uwsgi answers 500 when Apache's Timeout runs out ({waited:.1f} s)", status)
+        notice = shim.wait_for("a stall notice", lambda l: "probably paused" in l.get("message", ""))
+        check("Apache gives up on it in 2 s (Timeout 3 in" in notice["message"],
+              "uwsgi front: the stall notice says how long Apache still waits", notice["message"])
+        done = shim.wait_for("the completion line", lambda l: l.get("message", "").startswith("aborted"))
+        check(done.get("error", "").startswith("Apache gave up on it after 3 s (Timeout 3 in")
+              and "answered its client 500" in done.get("error", "")
+              and apache.site in done.get("error", ""),
+              "uwsgi front: the completion line says Apache's Timeout ended the request, and where to raise it",
+              done)
     finally:
         stack.close()
