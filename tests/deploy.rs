@@ -163,8 +163,36 @@ async fn the_vscode_task_starts_the_shim_and_its_pattern_sees_it_ready() {
     let tasks = jsonc("vscode/tasks.json");
     let task = &tasks["tasks"][0];
     let launch = jsonc("vscode/launch.json");
+    let labels: Vec<&serde_json::Value> = tasks["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["label"])
+        .collect();
     for config in launch["configurations"].as_array().unwrap() {
-        assert_eq!(config["preLaunchTask"], task["label"], "{}", config["name"]);
+        assert!(
+            labels.contains(&&config["preLaunchTask"]),
+            "{}: {}",
+            config["name"],
+            config["preLaunchTask"]
+        );
+    }
+    // The other services' tasks take over the service they name, with the same readiness pattern.
+    for other in &tasks["tasks"].as_array().unwrap()[1..] {
+        let service = other["label"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("glance-shim ")
+            .unwrap();
+        assert_eq!(other["args"][0], "--takeover");
+        assert_eq!(other["args"][1], service);
+        assert_eq!(other["problemMatcher"], task["problemMatcher"]);
+        let found = launch["configurations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["preLaunchTask"] == other["label"]);
+        assert!(found, "no configuration starts {}", other["label"]);
     }
     assert_eq!(task["command"], "glance-shim");
     let dir = tempdir("task");

@@ -25,6 +25,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import services_front  # noqa: E402
 import uwsgi_front  # noqa: E402
 from harness import (CLEAN_ENV, ROOT, SHIM, Apache, Glance, Shim, Stack, apache_snippet, free_port,  # noqa: E402
                      venv, wait_until)
@@ -706,7 +707,8 @@ def main():
     make_payload(big, BIG_GIB * 1024)
     started = time.monotonic()
     for name, scenario in (("gen32", gen32), ("gen33", gen33),
-                           ("uwsgi", lambda tmp, src, big: uwsgi_front.scenario(tmp, check))):
+                           ("uwsgi", lambda tmp, src, big: uwsgi_front.scenario(tmp, check)),
+                           ("services", lambda tmp, src, big: services_front.scenario(tmp, check))):
         if ONLY and name not in ONLY:
             continue
         try:
