@@ -129,6 +129,8 @@ pub struct Inspector {
     key: String,
     shim: ShimInfo,
     stall_after: Option<Duration>,
+    /// How long Apache in front waits on a request (`--takeover`), when known.
+    front_limit: Option<Duration>,
     /// How clients reach the shim, for the fields glance got.
     proto: &'static str,
     /// Host names (without port) that requests may carry, besides the address a connection came in
@@ -169,6 +171,7 @@ impl Inspector {
                 memory_max: inspect.memory,
             },
             stall_after: config.stall_after,
+            front_limit: config.front_timeout.as_ref().map(|f| f.limit),
             proto: if config.tls.is_some() {
                 "https"
             } else {
@@ -181,7 +184,7 @@ impl Inspector {
     }
 
     fn context(&self) -> view::Context {
-        view::Context::now(self.stall_after, self.proto)
+        view::Context::now(self.stall_after, self.proto).with_front_limit(self.front_limit)
     }
 
     /// Serves the inspector on `listener` for as long as the shim runs.

@@ -27,6 +27,8 @@ pub struct Context {
     pub stall_after: Option<Duration>,
     /// How clients reach the shim (`X-Forwarded-Proto`), to show the fields glance got.
     pub proto: &'static str,
+    /// How long Apache in front waits on a request (`--takeover`), when known.
+    pub front_limit: Option<Duration>,
 }
 
 impl Context {
@@ -35,6 +37,15 @@ impl Context {
             now: Instant::now(),
             stall_after,
             proto,
+            front_limit: None,
+        }
+    }
+
+    /// The same, knowing how long Apache in front waits on a request.
+    pub fn with_front_limit(self, front_limit: Option<Duration>) -> Context {
+        Context {
+            front_limit,
+            ..self
         }
     }
 
@@ -64,6 +75,10 @@ pub struct Summary<'a> {
     pub waiting_on: &'static str,
     pub idle_ms: f64,
     pub stalled: bool,
+    /// For a request in flight waiting on glance, with `--takeover`: how long until Apache in front
+    /// gives up on it (0 once it has).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apache_gives_up_in_ms: Option<f64>,
     pub status: Option<u16>,
     pub upstream_id: Option<&'a str>,
     pub bytes_in: u64,
@@ -132,6 +147,10 @@ pub fn summary<'a>(e: &'a Exchange, cx: &Context) -> Summary<'a> {
         },
         idle_ms: millis(idle),
         stalled,
+        apache_gives_up_in_ms: cx
+            .front_limit
+            .filter(|_| in_flight && waiting == Waiting::Upstream)
+            .map(|limit| millis(limit.saturating_sub(idle))),
         status: e.status(),
         upstream_id: e.upstream_id(),
         bytes_in: e.bytes_in(),

@@ -9,12 +9,14 @@ exits non-zero on any failure. Standard library and playwright only; run it with
 import argparse
 import http.client
 import json
+import os
 import queue
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -33,6 +35,7 @@ OUT = ROOT / "tests" / "browser" / "out"
 PAGE_SRC = ROOT / "src" / "inspect" / "page.html"
 TOKEN = "gAAAAA-secret-token-value"
 PASSWORD = "s3cret-passw0rd-value"
+APACHE_TIMEOUT = 30  # seconds: the Timeout of the Apache configuration the shim is pointed at
 IMAGE_ID = "5d2f6a3e-8b7c-4e21-9a0f-3c6b1d2e4f70"
 UPLOAD = 3 * 1024 * 1024
 DOWNLOAD = 5 * 1024 * 1024
@@ -144,9 +147,21 @@ def start_glance():
 class Shim:
     def __init__(self, binary, upstream_port):
         self.lines = []
+        # As with --takeover: the Apache in front (its configuration, not a running Apache) gives up
+        # on a held request after its Timeout, which the in-flight row counts down.
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        listen_port = sock.getsockname()[1]
+        sock.close()
+        self.apache_dir = tempfile.mkdtemp(prefix="glance-shim-browser-apache-")
+        apache_conf = os.path.join(self.apache_dir, "apache2.conf")
+        with open(apache_conf, "w") as f:
+            f.write(f"Timeout {APACHE_TIMEOUT}\n<VirtualHost *:80>\n"
+                    f"ProxyPass \"/image\" \"http://127.0.0.1:{listen_port}\" retry=0\n</VirtualHost>\n")
         self.proc = subprocess.Popen(
-            [str(binary), "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream_port}",
-             "--inspect", "127.0.0.1:0", "--stall-after", "1s", "--log-format", "json"],
+            [str(binary), "--listen", f"127.0.0.1:{listen_port}", "--upstream", f"127.0.0.1:{upstream_port}",
+             "--inspect", "127.0.0.1:0", "--stall-after", "1s", "--log-format", "json",
+             "--apache-config", apache_conf],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.ready = queue.Queue()
         # Drain stderr all the time: the shim waits for a paused log reader, so a full pipe would stall it.
@@ -183,6 +198,7 @@ class Shim:
         return "\n".join(self.lines[-n:])
 
     def stop(self):
+        shutil.rmtree(self.apache_dir, ignore_errors=True)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -349,6 +365,13 @@ def browse(args, shim, glance, browser, senders):
     since = time.monotonic() - held_result["sent"]
     label = row.inner_text()
     bg = row.evaluate("r => getComputedStyle(r).backgroundColor")
+    apache = row.locator(".pill.apache")
+    left = [float(t.split()[-2]) for t in [apache.inner_text()] if apache.count() == 1 and t.split()[-1] == "s"]
+    time.sleep(1.2)
+    left += [float(t.split()[-2]) for t in [apache.inner_text()] if apache.count() == 1 and t.split()[-1] == "s"]
+    check("1. its row counts down to Apache's Timeout (read from its configuration)",
+          len(left) == 2 and APACHE_TIMEOUT - 5 < left[1] < left[0] <= APACHE_TIMEOUT,
+          f"{left} (Timeout {APACHE_TIMEOUT})")
     check("1. it is highlighted as stalled after --stall-after (1 s)",
           stalled and not early_stalled and "probably paused at a breakpoint" in label
           and bg not in ("rgba(0, 0, 0, 0)", "rgb(255, 255, 255)"),
