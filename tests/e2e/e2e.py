@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""glance-shim against the real thing: glance-api 32 (eventlet) and 33 (uWSGI, gunicorn), DevStack's
-Apache site, and the real python-glanceclient, python-openstackclient and curl.
+"""glance-shim against the real thing: glance-api 25 (Zed) and 32 (eventlet) and 33 (uWSGI, gunicorn),
+DevStack's Apache site, and the real python-glanceclient, python-openstackclient and curl; then the uwsgi
+front with mod_proxy_uwsgi, uWSGI, and real keystone and placement (uwsgi_front.py, services_front.py).
 
 Every flow runs straight to glance first and then through each path with the shim; the results
 must be the same. The request ids on the shim's log lines must be the ones in glance's own log and
@@ -556,6 +557,40 @@ def gen32(tmp, src, big):
         stack.close()
 
 
+def gen25(tmp, src, big):
+    """glance 25 (Zed, the release the DevStack recipe was written for): its eventlet `glance-api`
+    with workers = 0, Zed's python-openstackclient 6.0.0."""
+    stack = Stack()
+    try:
+        glance = stack.add(Glance(25, "eventlet", os.path.join(tmp, "g25")).start(free_port()))
+        direct = Client(25, glance.url, tmp)
+        print(f"\n== glance 25 (Zed; eventlet, workers = 0) on {glance.url}", flush=True)
+        baseline = run_flows(direct, src, glance.url)
+
+        shim = stack.add(Shim(tmp, "shim25").start(free_port(), glance.port, "--stall-after", f"{STALL_AFTER}s"))
+        print(f"\n== client -> glance-shim {shim.url} -> glance 25", flush=True)
+        mark = shim.mark()
+        c = Client(25, shim.url, tmp)
+        same_as_direct(baseline, run_flows(c, src, shim.url), "glance 25: client -> shim")
+        check_correlation(shim, mark, glance, "glance 25: client -> shim")
+
+        takeover_port = free_port()
+        apache = stack.add(Apache(os.path.join(tmp, "a25t")).start(free_port(), takeover_port))
+        site = apache.site_digest()
+        shim_t = stack.add(Shim(tmp, "shim25t").start(takeover_port, glance.port, "--stall-after", f"{STALL_AFTER}s"))
+        print(f"\n== Apache {apache.url} -> its backend port {takeover_port}, taken over by glance-shim -> glance 25",
+              flush=True)
+        mark = shim_t.mark()
+        same_as_direct(baseline, run_flows(Client(25, apache.url, tmp), src, apache.url), "glance 25: takeover")
+        check_correlation(shim_t, mark, glance, "glance 25: takeover")
+        check(apache.site_digest() == site, "glance 25: takeover: Apache's site is untouched")
+
+        print("\n== breakpoint: glance 25 stopped mid-upload, 5 s", flush=True)
+        breakpoint_check(c, shim, glance, src, 5, "glance 25: client -> shim")
+    finally:
+        stack.close()
+
+
 def gen33(tmp, src, big):
     """glance 33: uWSGI as DevStack runs it, then gunicorn as a debugger does."""
     stack = Stack()
@@ -706,7 +741,7 @@ def main():
     make_payload(src, MIB)
     make_payload(big, BIG_GIB * 1024)
     started = time.monotonic()
-    for name, scenario in (("gen32", gen32), ("gen33", gen33),
+    for name, scenario in (("gen25", gen25), ("gen32", gen32), ("gen33", gen33),
                            ("uwsgi", lambda tmp, src, big: uwsgi_front.scenario(tmp, check)),
                            ("services", lambda tmp, src, big: services_front.scenario(tmp, check))):
         if ONLY and name not in ONLY:

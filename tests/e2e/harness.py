@@ -222,7 +222,18 @@ lock_path = {s}/lock
         shipped = os.path.join(self.venv, "etc", "glance", "glance-api-paste.ini")
         with open(shipped) as f:
             paste = f.read()
-        paste += """
+        if "[composite:rootapp]" in paste:
+            # glance 25 and older: the flavor names a pipeline that ends in the rootapp composite.
+            paste += """
+# DevStack's keystone pipeline with authtoken replaced by tests/e2e/fakeauth.py.
+[pipeline:glance-api-fakekeystone]
+pipeline = cors healthcheck http_proxy_to_wsgi versionnegotiation osprofiler fakeauth context rootapp
+
+[filter:fakeauth]
+paste.filter_factory = fakeauth:filter_factory
+"""
+        else:
+            paste += """
 # DevStack's keystone pipeline with authtoken replaced by tests/e2e/fakeauth.py.
 [composite:glance-api-fakekeystone]
 paste.composite_factory = glance.api:root_app_factory

@@ -4,12 +4,15 @@
 #   Debian packages: apache2 (a private instance is started from its binary and modules), curl.
 #   venv-32: glance 32.0.0, whose `glance-api` console script is the eventlet server a developer runs
 #            by hand with workers = 0; python-glanceclient 4.13.0, python-openstackclient 10.5.0.
+#   venv-25: glance 25.0.0 (Zed, the release the DevStack debugging recipe was written for), its
+#            eventlet `glance-api`; Zed's python-openstackclient 6.0.0 and python-glanceclient 4.13.0
+#            (constraints-25.txt says why that one is newer than Zed's).
 #   venv-33: glance 33.0.0, which runs only under a WSGI server: uWSGI (http-socket, as DevStack runs
 #            it) and gunicorn (as a debugger launches it, --timeout 0); the same clients.
 #
 # Venvs live in $GLANCE_SHIM_E2E_CACHE (default ~/.cache/glance-shim-e2e) and are reused when the
 # marker inside says they were built from the same constraints file. Versions are pinned by
-# constraints-32.txt / constraints-33.txt next to this script.
+# constraints-25.txt / constraints-32.txt / constraints-33.txt next to this script.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${GLANCE_SHIM_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/glance-shim-e2e}
@@ -64,3 +67,4 @@ install_venv 33 "$here/constraints-33.txt" glance==33.0.0 uwsgi==2.0.31 gunicorn
 p33=$!
 wait $p32
 wait $p33
+install_venv 25 "$here/constraints-25.txt" glance==25.0.0 python-glanceclient==4.13.0 python-openstackclient==6.0.0
