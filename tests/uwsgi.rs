@@ -534,3 +534,105 @@ async fn a_client_that_leaves_early_is_not_blamed_on_apaches_clock() {
     assert_eq!(outcome(&done), "client_gone");
     assert!(!field(&done, "error").contains("Apache"), "{done}");
 }
+
+#[tokio::test]
+async fn the_inspector_capture_har_and_replay_work_for_uwsgi_requests_and_mask_the_token() {
+    let echo = Echo::start().await;
+    let capture = tempdir("uwsgi-capture").join("capture"); // made by the shim, mode 0700
+    let mut shim = Shim::start(
+        &echo.port(),
+        &["--uwsgi", "--capture", capture.to_str().unwrap()],
+    )
+    .await;
+    let body = r#"{"auth": {"identity": {"password": {"user": {"password": "s3cret"}}}}}"#;
+    let len = body.len().to_string();
+    let vars = apache_vars(
+        "POST",
+        "/identity/v3/auth/tokens",
+        &[
+            ("CONTENT_TYPE", "application/json"),
+            ("CONTENT_LENGTH", &len),
+        ],
+    );
+    let answer = exchange(&shim, &vars, body.as_bytes()).await;
+    assert_eq!(split(&answer).0.status(), 200);
+    let done = shim.wait_for("the completion line", completion).await;
+    let id = field(&done, "id").to_owned();
+
+    let shown = shim.api(&format!("/api/requests/{id}")).await;
+    assert_eq!(shown["client"], "10.0.0.5:51234");
+    let headers = shown["request"]["headers"].to_string();
+    assert!(
+        headers.contains("<masked>") && !headers.contains("gAAAAAsecret"),
+        "{headers}"
+    );
+    assert_eq!(
+        shown["request"]["body"]["json"]["auth"]["identity"]["password"]["user"]["password"],
+        "<masked>"
+    );
+
+    // Replayed through the proxy to the upstream, with the token it came with and a new id.
+    let key = shim.key.clone().unwrap();
+    let ask = serde_json::json!({ "of": id }).to_string();
+    let mut conn = Conn::connect(shim.inspector.unwrap()).await;
+    conn.send(&format!(
+        "POST /api/replay HTTP/1.1\r\nHost: localhost\r\nX-Glance-Shim-Key: {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{ask}",
+        ask.len()
+    ))
+    .await;
+    let head = conn.read_head().await;
+    let started: serde_json::Value = serde_json::from_slice(&conn.read_body(&head).await).unwrap();
+    assert_eq!(head.status(), 202, "{started}");
+    let new_id = started["id"].as_str().unwrap().to_owned();
+    shim.wait_for("the replay's completion", |l| {
+        completion(l) && l["id"] == new_id.as_str()
+    })
+    .await;
+    let seen = echo.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body_sha256, seen[1].body_sha256);
+    let header = |s: &Seen, name: &str| {
+        s.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header(&seen[1], "x-auth-token").as_deref(),
+        Some("gAAAAAsecret")
+    );
+    assert_eq!(
+        header(&seen[1], "x-openstack-request-id"),
+        Some(new_id.clone())
+    );
+    assert_eq!(seen[1].target, "/identity/v3/auth/tokens");
+
+    let (_, har) = get(shim.inspector.unwrap(), "/api/har").await;
+    let har = String::from_utf8(har).unwrap();
+    assert!(
+        har.contains(&id) && har.contains(&new_id),
+        "both in the HAR"
+    );
+    assert!(
+        !har.contains("gAAAAAsecret") && !har.contains("s3cret"),
+        "no secret in the HAR"
+    );
+
+    shim.signal("TERM");
+    assert!(shim.exit_status().await.success(), "drained and stopped");
+    let mut captured = String::new();
+    for entry in std::fs::read_dir(&capture).unwrap() {
+        captured.push_str(&String::from_utf8_lossy(
+            &std::fs::read(entry.unwrap().path()).unwrap(),
+        ));
+    }
+    assert!(
+        captured.contains(&id) && captured.contains(&new_id),
+        "both captured"
+    );
+    assert!(
+        !captured.contains("gAAAAAsecret"),
+        "no token in the capture"
+    );
+}
