@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf as _, Bytes};
+use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
@@ -54,20 +54,32 @@ impl Packets {
     /// connection's own when the packet names none. A malformed packet is logged, and the
     /// connection closed.
     pub async fn read(&self, mut io: Stream, conn: &Arc<Client>) -> Option<(Stream, Arc<Client>)> {
+        // Apache writes the header and the variables at once: one read usually takes both, and the
+        // body's first bytes with them, which hyper then reads after the head.
         let read = async {
-            let mut header = [0u8; packet::HEADER_LEN];
-            match io.read(&mut header[..1]).await {
-                Ok(0) => return Ok(None), // connected and closed: a check that the socket is live
-                Ok(_) => {}
-                Err(e) => return Err(Unread::Io(e)),
-            }
-            io.read_exact(&mut header[1..]).await.map_err(cut)?;
-            let mut vars = vec![0u8; packet::vars_len(header)?];
-            io.read_exact(&mut vars).await.map_err(cut)?;
-            Ok(Some(packet::to_http(&packet::vars(&vars)?)?))
+            let mut buf = BytesMut::with_capacity(8192);
+            let need = loop {
+                if let Some(header) = buf.first_chunk::<{ packet::HEADER_LEN }>() {
+                    let need = packet::HEADER_LEN + packet::vars_len(*header)?;
+                    if buf.len() >= need {
+                        break need;
+                    }
+                    buf.reserve(need - buf.len());
+                }
+                match io.read_buf(&mut buf).await {
+                    // Connected and closed: a check that the socket is live.
+                    Ok(0) if buf.is_empty() => return Ok(None),
+                    Ok(0) => return Err(Unread::Cut),
+                    Ok(_) => {}
+                    Err(e) => return Err(Unread::Io(e)),
+                }
+            };
+            let body = buf.split_off(need);
+            let request = packet::to_http(&packet::vars(&buf[packet::HEADER_LEN..])?)?;
+            Ok(Some((request, body)))
         };
-        let request = match tokio::time::timeout(self.timeout, read).await {
-            Ok(Ok(Some(request))) => request,
+        let (request, body) = match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(Some(read))) => read,
             Ok(Ok(None)) => return None,
             Ok(Err(Unread::Io(e))) => {
                 debug!(client = %conn.text, error = %e, "a uwsgi connection failed before its packet");
@@ -87,8 +99,10 @@ impl Packets {
         };
         self.tell_script_name(&request.script_name);
         let client = request.remote.map_or_else(|| conn.clone(), Client::new);
+        let mut head = request.head;
+        head.extend_from_slice(&body);
         let io: Stream = Box::new(Prefixed {
-            head: Bytes::from(request.head),
+            head: Bytes::from(head),
             io,
         });
         Some((io, client))
@@ -112,15 +126,8 @@ impl Packets {
     }
 }
 
-fn cut(e: io::Error) -> Unread {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        Unread::Cut
-    } else {
-        Unread::Io(e)
-    }
-}
-
-/// A connection whose first bytes are `head`, then whatever `io` reads; writes go to `io`.
+/// A connection whose first bytes are `head` (the request's HTTP head, and the body bytes read with
+/// the packet), then whatever `io` reads; writes go to `io`.
 struct Prefixed {
     head: Bytes,
     io: Stream,

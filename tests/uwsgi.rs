@@ -48,11 +48,13 @@ fn apache_vars<'a>(
     vars
 }
 
-/// Sends one packet (and `body`) on a new TCP connection and reads the answer to the close.
+/// Sends one packet and `body` in one write (the shim reads the body's first bytes with the
+/// packet) on a new TCP connection, and reads the answer to the close.
 async fn exchange(shim: &Shim, vars: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(shim.addr).await.unwrap();
-    s.write_all(&packet::encode(vars)).await.unwrap();
-    s.write_all(body).await.unwrap();
+    s.write_all(&[packet::encode(vars), body.to_vec()].concat())
+        .await
+        .unwrap();
     read_to_close(&mut s).await
 }
 
