@@ -222,8 +222,8 @@ lock_path = {s}/lock
         shipped = os.path.join(self.venv, "etc", "glance", "glance-api-paste.ini")
         with open(shipped) as f:
             paste = f.read()
-        if "[composite:rootapp]" in paste:
-            # glance 25 and older: the flavor names a pipeline that ends in the rootapp composite.
+        if "[filter:healthcheck]" in paste:
+            # glance 25 and older: healthcheck is a filter, and the flavor names a pipeline.
             paste += """
 # DevStack's keystone pipeline with authtoken replaced by tests/e2e/fakeauth.py.
 [pipeline:glance-api-fakekeystone]
