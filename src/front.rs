@@ -1,15 +1,14 @@
 //! The uwsgi front (`--uwsgi`, or `--takeover` of a uWSGI `socket =`): each connection's packet is
 //! read, checked, and turned into the HTTP/1.0 request head it describes (`packet`), which hyper then
-//! reads ahead of the body, as if the client had sent it. Everything after that is the HTTP front's.
+//! reads ahead of the body (`server`'s connection wrapper hands it over first), as if the client had
+//! sent it. Everything after that is the HTTP front's.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf as _, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt as _;
 use tracing::{debug, info};
 
 use crate::exchange::Client;
@@ -49,11 +48,11 @@ impl Packets {
         }
     }
 
-    /// Reads the packet that starts `io`. Returns the connection as hyper is to read it (the
-    /// request's HTTP head, then the body), and the client Apache served (`REMOTE_ADDR`), or the
-    /// connection's own when the packet names none. A malformed packet is logged, and the
-    /// connection closed.
-    pub async fn read(&self, mut io: Stream, conn: &Arc<Client>) -> Option<(Stream, Arc<Client>)> {
+    /// Reads the packet that starts `io`. Returns what hyper is to read before the rest of the
+    /// connection (the request's HTTP head, then the body bytes read with the packet), and the
+    /// client Apache served (`REMOTE_ADDR`), or the connection's own when the packet names none. A
+    /// malformed packet is logged, and the connection closed.
+    pub async fn read(&self, io: &mut Stream, conn: &Arc<Client>) -> Option<(Bytes, Arc<Client>)> {
         // Apache writes the header and the variables at once: one read usually takes both, and the
         // body's first bytes with them, which hyper then reads after the head.
         let read = async {
@@ -101,11 +100,7 @@ impl Packets {
         let client = request.remote.map_or_else(|| conn.clone(), Client::new);
         let mut head = request.head;
         head.extend_from_slice(&body);
-        let io: Stream = Box::new(Prefixed {
-            head: Bytes::from(head),
-            io,
-        });
-        Some((io, client))
+        Some((Bytes::from(head), client))
     }
 
     /// Says where Apache mounts the service, the first time and whenever it changes: the debug
@@ -123,59 +118,5 @@ impl Packets {
              full path, so the debug server needs SCRIPT_NAME={script_name} in its environment \
              (gunicorn then strips it from PATH_INFO, as uWSGI does)"
         );
-    }
-}
-
-/// A connection whose first bytes are `head` (the request's HTTP head, and the body bytes read with
-/// the packet), then whatever `io` reads; writes go to `io`.
-struct Prefixed {
-    head: Bytes,
-    io: Stream,
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.head.has_remaining() {
-            let n = this.head.len().min(buf.remaining());
-            buf.put_slice(&this.head[..n]);
-            this.head.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

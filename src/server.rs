@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::StatusCode;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -310,16 +311,13 @@ impl Server {
                     Conn::Unix(stream) => (Box::new(stream), Client::unix()),
                 };
                 let peer = client.text.clone();
-                let io = match &packets {
-                    None => io,
-                    Some(packets) => match packets.read(io, &client).await {
-                        Some((io, request_client)) => {
-                            client = request_client;
-                            io
-                        }
+                let (mut io, mut ahead) = (io, Bytes::new());
+                if let Some(packets) = &packets {
+                    match packets.read(&mut io, &client).await {
+                        Some((head, request_client)) => (ahead, client) = (head, request_client),
                         None => return,
-                    },
-                };
+                    }
+                }
                 let clock = Clock::new();
                 let service = {
                     let clock = clock.clone();
@@ -334,6 +332,7 @@ impl Server {
                     })
                 };
                 let io = TokioIo::new(ClientIo {
+                    ahead,
                     stream: io,
                     clock: clock.clone(),
                 });
@@ -460,8 +459,10 @@ async fn answer_raw(
     let _ = stream.shutdown().await;
 }
 
-/// A client connection as hyper sees it: reads also drive its phase clock.
+/// A client connection as hyper sees it: reads also drive its phase clock. `ahead` is read first:
+/// on the uwsgi front, the request's HTTP head made from its packet (and the body bytes read with it).
 struct ClientIo {
+    ahead: Bytes,
     stream: Stream,
     clock: Arc<Clock>,
 }
@@ -473,6 +474,12 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.ahead.is_empty() {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(&this.ahead.split_to(n));
+            this.clock.read();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
