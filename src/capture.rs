@@ -12,7 +12,8 @@
 //! - The writer is a thread of its own. A request's guard hands it the record over a bounded channel
 //!   before the request's completion line is logged; the thread appends it to the current file
 //!   through a buffer that it writes out whenever no record waits, and at least every
-//!   [`FLUSH_WITHIN`] while records keep coming. So a graceful stop writes every request, and a
+//!   [`FLUSH_WITHIN`] while records keep coming; after each write it lets records gather for
+//!   [`GATHER_FOR`]. So a graceful stop writes every request, and a
 //!   `kill -9` loses at most the last [`FLUSH_WITHIN`] of them. A full channel (a stalled disk)
 //!   leaves requests out of the capture, counted and warned about; they are still in the log and
 //!   the inspector.
@@ -53,6 +54,10 @@ pub const FLUSH_WITHIN: Duration = Duration::from_millis(100);
 
 /// Bytes the writer gathers before it writes them out, unless no record waits.
 const BUFFER: usize = 64 << 10;
+
+/// After it writes out, how long the writer leaves records to gather before it takes them again: a
+/// busy shim then hands them over in batches, without waking the writer (and writing) for each.
+const GATHER_FOR: Duration = Duration::from_millis(10);
 
 /// The format's version, in every record's first line.
 const VERSION: u32 = 2;
@@ -524,10 +529,11 @@ impl Writer {
     }
 
     /// Appends the records it is sent until it is closed (or every sender is gone), writing out its
-    /// buffer whenever no record waits, and at least every [`FLUSH_WITHIN`].
+    /// buffer whenever no record waits, and at least every [`FLUSH_WITHIN`] (a record may have
+    /// waited [`GATHER_FOR`] before it was taken).
     fn run(mut self, rx: Receiver<Message>) {
         while let Ok(first) = rx.recv() {
-            let flush_by = Instant::now() + FLUSH_WITHIN;
+            let flush_by = Instant::now() + FLUSH_WITHIN - GATHER_FOR;
             let mut next = Some(first);
             while let Some(message) = next {
                 match message {
@@ -540,6 +546,7 @@ impl Writer {
                 next = rx.try_recv().ok();
             }
             self.flush();
+            std::thread::sleep(GATHER_FOR);
         }
         self.flush();
     }

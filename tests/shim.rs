@@ -862,6 +862,57 @@ async fn text_is_the_default_and_the_log_file_is_appended_to() {
     );
 }
 
+/// A log file's lines wait while the serving thread works and are written when it waits for the
+/// network (`logging::FileLines`): the arrival line of a request glance holds must be in the file
+/// while glance holds it, and its completion line once it ends, with nothing else to wake the shim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_is_in_the_log_file_while_glance_holds_it() {
+    let up = RawUpstream::bind().await;
+    let dir = tempdir();
+    let file = dir.join("shim.log");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up.port(),
+        "--log-file",
+        file.to_str().unwrap(),
+    ];
+    let _shim = Shim::spawn(&args, &[]);
+    let addr: std::net::SocketAddr = wait_for_file_line(&file, "listening")
+        .await
+        .parse()
+        .unwrap();
+    let client = tokio::spawn(get(addr, "/v2/images?held"));
+    let mut conn = up.accept().await;
+    conn.read_head().await;
+    // glance holds it (a breakpoint): the arrival line is in the file, the completion line is not.
+    let held = wait_for_file(&file, "the held request's arrival line", |text| {
+        text.lines()
+            .find(|l| l.contains("arrived") && l.contains("path=/v2/images?held"))
+            .map(str::to_owned)
+    })
+    .await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("outcome="), "not completed yet:\n{text}");
+    conn.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+        .await;
+    client.await.unwrap();
+    let done = wait_for_file(&file, "the completion line", |text| {
+        text.lines()
+            .find(|l| l.contains("outcome=completed"))
+            .map(str::to_owned)
+    })
+    .await;
+    let id = |line: &str| {
+        line.split(' ')
+            .find_map(|w| w.strip_prefix("id="))
+            .map(str::to_owned)
+    };
+    assert!(id(&held).is_some());
+    assert_eq!(id(&done), id(&held), "{held}\n{done}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_log_filters_by_level_and_module() {
     let down = Reserved::new(); // a down upstream makes warnings
