@@ -124,7 +124,10 @@ impl Head {
 
 /// `headers` as `name:value\n` lines, in order.
 pub fn lines_of(headers: &HeaderMap) -> Box<[u8]> {
-    let len = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 2).sum();
+    let len = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 2)
+        .sum();
     let mut lines = Vec::with_capacity(len);
     for (name, value) in headers {
         lines.extend_from_slice(name.as_str().as_bytes());
