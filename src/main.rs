@@ -57,19 +57,12 @@ fn run(config: Config) -> Result<ExitCode, StartError> {
     // One thread, like one nginx worker: a debugging proxy's load fits on one core, and on a small
     // machine the client, the shim and glance compete for cores, where cross-thread wake-ups only
     // add context switches (measured in bench/README.md).
-    let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_all();
-    // A log file's lines are written when the thread is about to wait (see `logging::FileLines`).
-    let lines = _log.file_lines();
-    if let Some(lines) = lines.clone() {
-        builder.on_thread_park(move || lines.write_out());
-    }
-    let runtime = builder.build().map_err(StartError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
     let mut registry = None;
     let code = runtime.block_on(async {
-        if let Some(lines) = lines {
-            tokio::spawn(logging::write_out_regularly(lines));
-        }
         // Before the port is bound: once a client (or a supervisor) can connect, SIGTERM and SIGINT
         // start the drain. Registered after, one sent in between was lost when the shell had
         // started the shim in the background with SIGINT ignored, and the shim never stopped.

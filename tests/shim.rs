@@ -828,19 +828,7 @@ async fn text_is_the_default_and_the_log_file_is_appended_to() {
     let dir = tempdir();
     let file = dir.join("shim.log");
     std::fs::write(&file, "earlier line\n").unwrap();
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &echo.port(),
-        "--log-file",
-        file.to_str().unwrap(),
-    ];
-    let shim = Shim::spawn(&args, &[]);
-    let addr: std::net::SocketAddr = wait_for_file_line(&file, "listening")
-        .await
-        .parse()
-        .unwrap();
+    let (shim, addr) = spawn_logging_to(&echo.port(), &file).await;
     get(addr, "/v2/images").await;
     wait_for_file_line(&file, "completed").await;
     drop(shim);
@@ -862,27 +850,30 @@ async fn text_is_the_default_and_the_log_file_is_appended_to() {
     );
 }
 
-/// A log file's lines wait while the serving thread works and are written when it waits for the
-/// network (`logging::FileLines`): the arrival line of a request glance holds must be in the file
-/// while glance holds it, and its completion line once it ends, with nothing else to wake the shim.
+/// A shim forwarding to `upstream` with its log in `file`, and the address it listens on, read from
+/// the file.
+async fn spawn_logging_to(upstream: &str, file: &std::path::Path) -> (Shim, std::net::SocketAddr) {
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--log-file",
+        file.to_str().unwrap(),
+    ];
+    let shim = Shim::spawn(&args, &[]);
+    let addr = wait_for_file_line(file, "listening").await.parse().unwrap();
+    (shim, addr)
+}
+
+/// With `--log-file`, the arrival line of a request glance holds is in the file while glance holds
+/// it, and its completion line once it ends, with the same id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_request_is_in_the_log_file_while_glance_holds_it() {
     let up = RawUpstream::bind().await;
     let dir = tempdir();
     let file = dir.join("shim.log");
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up.port(),
-        "--log-file",
-        file.to_str().unwrap(),
-    ];
-    let _shim = Shim::spawn(&args, &[]);
-    let addr: std::net::SocketAddr = wait_for_file_line(&file, "listening")
-        .await
-        .parse()
-        .unwrap();
+    let (_shim, addr) = spawn_logging_to(&up.port(), &file).await;
     let client = tokio::spawn(get(addr, "/v2/images?held"));
     let mut conn = up.accept().await;
     conn.read_head().await;
