@@ -43,6 +43,8 @@ pub struct Shim {
 struct LogLines {
     lines: Mutex<Vec<Value>>,
     changed: watch::Sender<usize>,
+    /// The shim's stderr reached its end: every line it wrote is in `lines`.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl Shim {
@@ -123,6 +125,7 @@ impl Shim {
         let log = Arc::new(LogLines {
             lines: Mutex::new(Vec::new()),
             changed: tx,
+            ended: Default::default(),
         });
         let reader = log.clone();
         std::thread::spawn(move || {
@@ -132,6 +135,10 @@ impl Shim {
                 reader.lines.lock().unwrap().push(value);
                 reader.changed.send_modify(|n| *n += 1);
             }
+            reader
+                .ended
+                .store(true, std::sync::atomic::Ordering::Release);
+            reader.changed.send_modify(|n| *n += 1);
         });
         Shim {
             child: Some(child),
@@ -218,11 +225,22 @@ impl Shim {
         assert!(status.success(), "kill -{sig} failed");
     }
 
-    /// Waits for the process to exit (it must, within [`PATIENCE`]).
+    /// Waits for the process to exit (it must, within [`PATIENCE`]), and for its last lines to be
+    /// read: a process that has exited may have lines still in the pipe.
     pub async fn exit_status(&mut self) -> ExitStatus {
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let mut changed = self.log.changed.subscribe();
+                while !self.log.ended.load(std::sync::atomic::Ordering::Acquire) {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let waited = tokio::time::timeout(left, changed.changed()).await;
+                    assert!(
+                        waited.is_ok(),
+                        "the shim's stderr did not end; log:\n{}",
+                        self.dump()
+                    );
+                }
                 return status;
             }
             assert!(
