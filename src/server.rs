@@ -37,7 +37,7 @@ use crate::listener::{Conn, Listener};
 use crate::logging::RateLimited;
 use crate::proxy::Proxy;
 use crate::tls::Stream;
-use crate::upstream::{Connector, Health};
+use crate::upstream::{Connector, Health, MAX_BUFFER};
 
 /// A bound, not yet running, shim.
 pub struct Server {
@@ -221,6 +221,8 @@ impl Server {
             .keep_alive(true)
             // hyper answers 431 past these.
             .max_header_size(limits.max_header_bytes)
+            // Never below the head limit, or a large head would be refused before it.
+            .max_buf_size(MAX_BUFFER.max(limits.max_header_bytes))
             .max_headers(limits.max_headers)
             // Its header-read timer also runs on idle connections; `keepalive` times both apart.
             .header_read_timeout(None);

@@ -77,6 +77,30 @@ async fn oversized_heads_and_targets_get_431_and_414() {
     assert_eq!(echo.requests().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_as_large_as_max_header_bytes_allows_goes_through() {
+    // The shim caps hyper's read buffer below hyper's default (upstream::MAX_BUFFER); a raised
+    // --max-header-bytes still lets a head past that cap through, byte for byte. The head goes in
+    // pieces, so that the shim reads, and tries to parse, a partial head larger than the cap.
+    let echo = Echo::start().await;
+    let shim = Shim::start(&echo.port(), &["--max-header-bytes", "1048576"]).await;
+    let value = "a".repeat(300_000);
+    let head = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Big: {value}\r\nConnection: close\r\n\r\n");
+    let mut conn = Conn::connect(shim.addr).await;
+    for piece in head.as_bytes().chunks(32 * 1024) {
+        conn.write(piece).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status_of(&conn.read_to_close().await), Some(200));
+    let seen = echo.requests();
+    assert_eq!(seen.len(), 1);
+    let big = seen[0]
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("x-big"));
+    assert_eq!(big.map(|(_, v)| v.len()), Some(value.len()));
+}
+
 /// How long after `since` the shim closed `conn`.
 async fn closed_after(conn: &mut Conn, since: Instant) -> Duration {
     assert!(conn.closed().await, "the shim answered instead of closing");
