@@ -270,7 +270,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_IDLE: usize = 64;
 
 /// How large hyper may let a connection's read buffer grow, and how much body it queues to write
-/// before it waits for the socket, on both sides of the shim: a quarter of hyper's default of about
+/// before it waits for the socket, on both sides of the shim: below hyper's default of about
 /// 400 KiB. A multi-GB transfer keeps the same speed, and its peak RSS is about 1 MiB lower
 /// (bench/README.md). A response head larger than this is refused as hyper refuses one larger than
 /// its default (a 502).

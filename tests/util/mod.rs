@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ struct LogLines {
     lines: Mutex<Vec<Value>>,
     changed: watch::Sender<usize>,
     /// The shim's stderr reached its end: every line it wrote is in `lines`.
-    ended: std::sync::atomic::AtomicBool,
+    ended: AtomicBool,
 }
 
 impl Shim {
@@ -135,9 +135,7 @@ impl Shim {
                 reader.lines.lock().unwrap().push(value);
                 reader.changed.send_modify(|n| *n += 1);
             }
-            reader
-                .ended
-                .store(true, std::sync::atomic::Ordering::Release);
+            reader.ended.store(true, Ordering::Release);
             reader.changed.send_modify(|n| *n += 1);
         });
         Shim {
@@ -232,7 +230,7 @@ impl Shim {
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 let mut changed = self.log.changed.subscribe();
-                while !self.log.ended.load(std::sync::atomic::Ordering::Acquire) {
+                while !self.log.ended.load(Ordering::Acquire) {
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
                     let waited = tokio::time::timeout(left, changed.changed()).await;
                     assert!(
