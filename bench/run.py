@@ -298,6 +298,24 @@ class Socat(Peer):
         return port
 
 
+class HyperAlone(Peer):
+    """bench/hyper_alone.rs: hyper's server and hyper-util's pooled client on one tokio thread,
+    forwarding each request as it came and doing nothing else: what the shim's libraries add by
+    themselves."""
+    name = "hyper alone"
+
+    def __init__(self, upstream_port, workdir, binary):
+        super().__init__(upstream_port, workdir)
+        self.binary = binary
+
+    def start(self):
+        port = free_port()
+        self.proc = subprocess.Popen([self.binary, str(port), str(self.upstream_port)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(port, self.proc)
+        return port
+
+
 class Mitmdump(Peer):
     """mitmproxy's mitmdump in reverse mode, streaming bodies (stream_large_bodies=1, without which it
     holds every body in memory), the flow lines it prints going to a file."""
@@ -515,9 +533,10 @@ def startup_ms(binary, trials=20):
     return statistics.median(times)
 
 
-# "glance-shim, bare" (no log, no inspector) is not in the default set: it is the floor of the shim's
-# own CPU per request, what hyper and tokio cost with none of its features (`--peers` adds it).
-PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "glance-shim, capture on", "nginx", "HAProxy", "socat", "mitmdump"]
+# "glance-shim, bare" (no log, no inspector: the header rules, the id and the record alone) is not in the
+# default set (`--peers` adds it). "hyper alone" is: what the libraries cost with nothing of the shim's.
+PEERS = ["glance-shim", "glance-shim, log off", "glance-shim, inspect off", "glance-shim, capture on", "hyper alone",
+         "nginx", "HAProxy", "socat", "mitmdump"]
 ALL_PEERS = PEERS + ["glance-shim, bare"]
 
 # --guards BEFORE: the shim against the build before a change, as the default and with --capture, in the
@@ -550,6 +569,8 @@ def main():
                     help="compare the shim, and the shim with --capture, against --build NAME (and its "
                          "capture peer): req/s at c16 and c64 >= 0.8x, transfers >= 0.95x, RSS in "
                          "transfers <= 12 MiB; print each with PASS or FAIL and exit 1 on a FAIL")
+    ap.add_argument("--hyper-alone-bin", default=os.path.join(ROOT, "target/release/examples/bench-hyper-alone"),
+                    help="the peer 'hyper alone' (bench/hyper_alone.rs)")
     ap.add_argument("--upstream", default=os.path.join(ROOT, "target/release/examples/bench-upstream"))
     ap.add_argument("--upstream-kind", choices=["rust", "nginx"], default="rust",
                     help="the upstream: bench/upstream.rs, or nginx with 1 worker and a Lua upload reader "
@@ -601,6 +622,7 @@ def main():
         "HAProxy": lambda: HAProxy(upstream_port, workdir),
         "socat": lambda: Socat(upstream_port, workdir),
         "mitmdump": lambda: Mitmdump(upstream_port, workdir, args.mitmdump),
+        "hyper alone": lambda: HyperAlone(upstream_port, workdir, args.hyper_alone_bin),
     }
     try:
         wait_port(upstream_port, upstream)

@@ -26,5 +26,5 @@ if [ ! -x "$venv/bin/mitmdump" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "mitmproxy==11.0.2"
 fi
-cargo build --release --quiet --bin glance-shim --example bench-upstream
+cargo build --release --quiet --bin glance-shim --example bench-upstream --example bench-hyper-alone
 exec python3 bench/run.py --mitmdump "$venv/bin/mitmdump" "$@"
