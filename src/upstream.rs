@@ -271,9 +271,9 @@ const MAX_IDLE: usize = 64;
 
 /// How large hyper may let a connection's read buffer grow, and how much body it queues to write
 /// before it waits for the socket, on both sides of the shim: below hyper's default of about
-/// 400 KiB. A multi-GB transfer keeps the same speed, and its peak RSS is about 1 MiB lower
-/// (bench/README.md). A response head larger than this is refused as hyper refuses one larger than
-/// its default (a 502).
+/// 400 KiB. A multi-GB transfer after a burst of connections peaks about 1 MiB lower, for a few
+/// percent of its speed: a `read` and a `write` per 256 KiB instead of per 400 (bench/README.md).
+/// A response head larger than this is refused as hyper refuses one larger than its default (a 502).
 pub const MAX_BUFFER: usize = 256 * 1024;
 
 /// The client that sends requests to the upstream, over `connector`'s connections.
