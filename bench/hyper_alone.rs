@@ -10,7 +10,7 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,24 +37,35 @@ fn main() {
             .pool_timer(TokioTimer::new())
             .retry_canceled_requests(false)
             .build(connector);
+        let authority: http::uri::Authority = format!("127.0.0.1:{upstream}").parse().unwrap();
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let client = client.clone();
+            let (client, authority) = (client.clone(), authority.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |mut req: Request<Incoming>| {
                     let client = client.clone();
+                    let authority = authority.clone();
                     async move {
-                        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                        *req.uri_mut() = format!("http://127.0.0.1:{upstream}{path}")
-                            .parse()
-                            .unwrap();
-                        Ok::<_, Infallible>(match client.request(req).await {
-                            Ok(res) => res.map(Either::Left),
-                            Err(_) => {
+                        // The absolute form the pool picks a connection by, built from parts as the
+                        // shim builds it: no text formatted and parsed again per request.
+                        let mut parts = http::uri::Parts::default();
+                        parts.scheme = Some(http::uri::Scheme::HTTP);
+                        parts.authority = Some(authority);
+                        parts.path_and_query = req.uri().path_and_query().cloned();
+                        let sent = match Uri::from_parts(parts) {
+                            Ok(uri) => {
+                                *req.uri_mut() = uri;
+                                client.request(req).await.ok()
+                            }
+                            Err(_) => None,
+                        };
+                        Ok::<_, Infallible>(match sent {
+                            Some(res) => res.map(Either::Left),
+                            None => {
                                 let mut res = Response::new(Either::Right(Empty::<Bytes>::new()));
                                 *res.status_mut() = hyper::StatusCode::BAD_GATEWAY;
                                 res
